@@ -1,0 +1,63 @@
+"""Multimodal Workbench entry point: flags/env -> Settings -> ModelManager -> Gradio app.
+
+Importing this module does no work; ``main()`` does. The model stack (torch, transformers,
+diffusers, TTS) is imported only when a model is first loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("workbench")
+
+
+def create(argv: list[str] | None = None):
+    """Build (settings, manager, demo) without launching; used by main() and the tests."""
+    from models.catalog import Catalog
+    from models.manager import ModelManager
+    from models.settings import settings_from_args, with_hub_probe
+    from tabs import build_app
+
+    settings = with_hub_probe(settings_from_args(argv))
+    catalog = Catalog.load(settings.models_file)
+    manager = ModelManager(catalog, settings)
+    demo = build_app(manager, settings)
+    return settings, manager, demo
+
+
+def launch_kwargs(settings, manager) -> dict:
+    """Keyword arguments for ``demo.launch``, including the /health route and secure defaults."""
+    from tabs import THEME, CSS, health_route
+
+    return {
+        "server_name": settings.host,
+        "server_port": settings.port,
+        "share": settings.share,
+        "auth": [settings.auth] if settings.auth else None,
+        "max_file_size": f"{settings.max_upload_mb}mb",
+        "allowed_paths": [],
+        "show_error": True,
+        "theme": THEME,
+        "css": CSS,
+        "app_kwargs": {"routes": [health_route(manager)]},
+        "ssr_mode": False,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, manager, demo = create(argv)
+    if settings.host in ("0.0.0.0", "::") and not settings.auth:
+        log.warning("binding %s without --auth: anyone on the network can use this workbench "
+                    "and its models", settings.host)
+    if settings.offline:
+        log.info("offline mode: %s; offline models are preselected", settings.offline_reason)
+    log.info("memory budget %.1f GB, device %s, cache %s, auth %s", settings.memory_budget_gb,
+             settings.device, settings.cache_dir, "on" if settings.auth else "off")
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(**launch_kwargs(settings, manager))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

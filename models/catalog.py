@@ -1,0 +1,140 @@
+"""The model catalog: one ModelSpec per model, from catalog.yaml plus an optional user file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+TASKS = ("vqa", "text-to-image", "speech-to-text", "chat", "text-to-speech")
+FAMILIES = ("vlm", "diffusion", "asr", "chat", "tts")
+SOURCES = ("hub", "local", "offline", "package", "coqui")
+QUANTS = ("nf4", "int8", "fp16", "bf16", "fp32")
+BUILTIN_FILE = Path(__file__).with_name("catalog.yaml")
+
+# Per-device default precision for each family: 4-bit NF4 for language models on CUDA,
+# fp16 diffusion on CUDA, fp32 on CPU, fp16 on MPS where the family supports it.
+DEFAULT_QUANT = {
+    "cuda": {"vlm": "nf4", "chat": "nf4", "diffusion": "fp16", "asr": "fp16", "tts": "fp32"},
+    "mps": {"vlm": "fp16", "chat": "fp16", "diffusion": "fp16", "asr": "fp16", "tts": "fp32"},
+    "cpu": {"vlm": "fp32", "chat": "fp32", "diffusion": "fp32", "asr": "fp32", "tts": "fp32"},
+}
+BYTES_PER_PARAM = {"nf4": 0.56, "int8": 1.05, "fp16": 2.0, "bf16": 2.0, "fp32": 4.0}
+OFFLINE_SOURCES = ("offline", "package", "local")
+
+
+class UnknownModelError(ValueError):
+    """Raised for a model id that is not in the catalog."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model the workbench can load."""
+
+    id: str
+    task: str
+    family: str
+    source: str
+    repo: str = ""
+    params_b: float = 0.0
+    license: str = "unknown"
+    notes: str = ""
+    variant: str = ""
+    quant: dict[str, str] = dataclasses.field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    @property
+    def location(self) -> str:
+        """Hub id, folder, Coqui name or package reference the family loads from."""
+        return self.repo or self.id
+
+    @property
+    def works_offline(self) -> bool:
+        return self.source in OFFLINE_SOURCES
+
+    @property
+    def label(self) -> str:
+        tag = " — random weights, for smoke tests" if self.source == "offline" else ""
+        return f"{self.id}{tag}"
+
+    def default_quant(self, device: str) -> str:
+        return self.quant.get(device) or DEFAULT_QUANT.get(device, DEFAULT_QUANT["cpu"])[self.family]
+
+    def estimate_bytes(self, quant: str) -> int:
+        """Rough size before a load: parameters x bytes per parameter, plus 10% for buffers."""
+        return int(self.params_b * 1e9 * BYTES_PER_PARAM.get(quant, 4.0) * 1.1)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _spec_from_dict(raw: dict, where: str) -> ModelSpec:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: each model entry must be a mapping, got {type(raw).__name__}")
+    fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = set(raw) - fields
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(fields)}")
+    for key in ("id", "task", "family", "source"):
+        if not raw.get(key):
+            raise ValueError(f"{where}: entry {raw.get('id', '?')!r} is missing {key!r}")
+    for key, allowed in (("task", TASKS), ("family", FAMILIES), ("source", SOURCES)):
+        if raw[key] not in allowed:
+            raise ValueError(f"{where}: {raw['id']}: {key} must be one of {allowed}, got {raw[key]!r}")
+    for device, quant in (raw.get("quant") or {}).items():
+        if quant not in QUANTS:
+            raise ValueError(f"{where}: {raw['id']}: quant for {device} must be one of {QUANTS}")
+    return ModelSpec(**{**raw, "quant": dict(raw.get("quant") or {})})
+
+
+def _read(path: Path) -> list[ModelSpec]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read model file {path}: {exc}") from exc
+    entries = data.get("models", []) if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list under 'models:'")
+    return [_spec_from_dict(raw, str(path)) for raw in entries]
+
+
+class Catalog:
+    """Read-only lookup of ModelSpecs; user entries override built-in ones with the same id."""
+
+    def __init__(self, specs: list[ModelSpec]):
+        self._specs: dict[str, ModelSpec] = {}
+        for spec in specs:
+            self._specs[spec.id] = spec
+
+    @classmethod
+    def load(cls, user_file: Path | None = None) -> Catalog:
+        specs = _read(BUILTIN_FILE)
+        if user_file is not None:
+            specs += _read(Path(user_file))
+        return cls(specs)
+
+    def get(self, model_id: str) -> ModelSpec:
+        if not isinstance(model_id, str) or model_id not in self._specs:
+            raise UnknownModelError(f"Unknown model {model_id!r}. Known models: {', '.join(self._specs)}")
+        return self._specs[model_id]
+
+    def for_task(self, task: str) -> list[ModelSpec]:
+        return [spec for spec in self._specs.values() if spec.task == task]
+
+    def ids(self, task: str) -> list[str]:
+        return [spec.id for spec in self.for_task(task)]
+
+    def default_for(self, task: str, offline: bool) -> str:
+        """First offline-capable model when offline; first hub model otherwise."""
+        specs = self.for_task(task)
+        if not specs:
+            raise UnknownModelError(f"no model in the catalog for task {task!r}")
+        preferred = [s for s in specs if s.works_offline] if offline else [s for s in specs if not s.works_offline]
+        return (preferred or specs)[0].id
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._specs
+
+    def __iter__(self):
+        return iter(self._specs.values())

@@ -1,0 +1,59 @@
+"""Model families behind one small interface.
+
+Each family is a module ``models/families/<family>.py`` that defines:
+
+* ``load(spec, location, precision) -> handle``: load from a hub id, a local folder or a Coqui
+  name. The handle is a plain object (a dataclass) whose attributes hold the torch modules, so
+  the manager can measure and weak-reference them.
+* ``build_tiny(folder)``: write a deterministic random-weight model into ``folder`` with
+  ``save_pretrained`` (only families that have an offline ``tiny-*`` entry).
+* ``release(handle)`` (optional): drop hooks or caches before an unload.
+* the task functions the tabs call (``answer``, ``generate``, ``transcribe``, ``reply``, ``speak``).
+
+Heavy imports happen inside those functions, never at module import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from models.catalog import ModelSpec
+from models.quantization import Precision
+from models.settings import Settings
+
+
+class ModelUnavailableError(ValueError):
+    """The model's files cannot be had here (offline and not cached, missing folder...)."""
+
+
+def family_module(name: str) -> ModuleType:
+    return importlib.import_module(f"models.families.{name}")
+
+
+def resolve_location(spec: ModelSpec, settings: Settings) -> str:
+    """Where the family should load ``spec`` from: a folder when one is available, else a hub id."""
+    from models import offline
+
+    if spec.source == "offline":
+        return str(offline.ensure_tiny(spec, settings))
+    if spec.source == "package":
+        return str(offline.ensure_package_model(spec, settings))
+    if spec.source == "local":
+        return offline.checked_local_folder(spec)
+    if spec.source == "hub" and settings.offline:
+        return offline.cached_hub_folder(spec, settings)
+    if spec.source == "coqui" and settings.offline:
+        return offline.cached_coqui_folder(spec, settings)
+    return spec.location
+
+
+def load(spec: ModelSpec, precision: Precision, settings: Settings) -> object:
+    location = resolve_location(spec, settings)
+    return family_module(spec.family).load(spec, location, precision)
+
+
+def release(spec: ModelSpec, handle: object) -> None:
+    hook = getattr(family_module(spec.family), "release", None)
+    if hook is not None:
+        hook(handle)

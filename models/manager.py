@@ -1,0 +1,297 @@
+"""ModelManager: the one owner of every loaded model.
+
+Loads lazily, pins a model while a call uses it, evicts the least recently used unpinned models
+when a load would exceed the memory budget, and verifies on every unload that the memory came back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+
+from models import memory
+from models.catalog import Catalog, ModelSpec
+from models.quantization import Precision, choose
+from models.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Allocator rounding and cuBLAS workspaces may leave a little behind; more than this is a leak.
+CUDA_LEAK_TOLERANCE = 8 * 1024**2
+
+
+class ModelTooLargeError(RuntimeError):
+    """The model cannot fit in the memory budget even with everything else unloaded."""
+
+
+class BudgetBusyError(RuntimeError):
+    """The model would fit, but models that are in use right now hold the budget."""
+
+
+class ModelBusyError(RuntimeError):
+    """An unload was asked for a model that a running call has pinned."""
+
+
+class ModelLoadError(RuntimeError):
+    """Loading failed; nothing was kept."""
+
+
+@dataclasses.dataclass
+class _Entry:
+    spec: ModelSpec
+    handle: object
+    precision: Precision
+    nbytes: int
+    load_seconds: float
+    last_used: float
+    cuda_before: int
+    refs: list[weakref.ref]
+    pins: int = 0
+
+
+Loader = Callable[[ModelSpec, Precision, Settings], object]
+Releaser = Callable[[ModelSpec, object], None]
+
+
+def _default_loader(spec: ModelSpec, precision: Precision, settings: Settings) -> object:
+    from models import families
+
+    return families.load(spec, precision, settings)
+
+
+def _default_releaser(spec: ModelSpec, handle: object) -> None:
+    from models import families
+
+    families.release(spec, handle)
+
+
+class ModelManager:
+    """Thread-safe registry of loaded models under one memory budget.
+
+    Args:
+        catalog: where model ids are looked up.
+        settings: budget, device and cache folders.
+        loader: ``(spec, precision, settings) -> handle``; the real families by default.
+        releaser: ``(spec, handle) -> None`` that drops hooks before an unload.
+        measure: ``handle -> bytes``; tensor bytes reachable from the handle by default.
+    """
+
+    def __init__(self, catalog: Catalog, settings: Settings, *, loader: Loader | None = None,
+                 releaser: Releaser | None = None, measure: Callable[[object], int] | None = None):
+        self.catalog = catalog
+        self.settings = settings
+        self.budget = settings.memory_budget_bytes
+        self._loader = loader or _default_loader
+        self._releaser = releaser or _default_releaser
+        self._measure = measure or memory.module_bytes
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}
+        self._reserved: dict[str, int] = {}
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._device: str | None = None
+        self.load_count: dict[str, int] = {}
+        self.leaks: list[str] = []
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        """The resolved device; resolving it imports torch, so it happens on the first load."""
+        if self._device is None:
+            self._device = memory.resolve_device(self.settings.device)
+        return self._device
+
+    @contextlib.contextmanager
+    def use(self, model_id: str, quant: str | None = None) -> Iterator[object]:
+        """Yield a loaded handle for ``model_id``, pinned (never evicted) until the block ends."""
+        spec = self.catalog.get(model_id)
+        entry = self._acquire(spec, quant)
+        try:
+            yield entry.handle
+        finally:
+            with self._lock:
+                entry.pins -= 1
+                entry.last_used = time.time()
+
+    def is_loaded(self, model_id: str) -> bool:
+        with self._lock:
+            return model_id in self._entries
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values()) + sum(self._reserved.values())
+
+    def unload(self, model_id: str) -> bool:
+        """Unload one model. Returns False when it was not loaded. Raises ModelBusyError if pinned."""
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is None:
+                return False
+            if entry.pins:
+                raise ModelBusyError(f"{model_id} is answering a request right now; unload it when it is done")
+            del self._entries[model_id]
+        self._release(entry)
+        return True
+
+    def unload_all(self) -> list[str]:
+        """Unload every model that is not in use; returns the ids unloaded."""
+        with self._lock:
+            idle = [mid for mid, e in self._entries.items() if not e.pins]
+            entries = [self._entries.pop(mid) for mid in idle]
+        for entry in entries:
+            self._release(entry)
+        return idle
+
+    def snapshot(self) -> list[dict]:
+        """Plain-data view of every loaded model, most recently used first."""
+        with self._lock:
+            entries = sorted(self._entries.values(), key=lambda e: e.last_used, reverse=True)
+            return [
+                {
+                    "id": e.spec.id,
+                    "task": e.spec.task,
+                    "device": e.precision.device,
+                    "precision": e.precision.name,
+                    "bytes": e.nbytes,
+                    "load_seconds": round(e.load_seconds, 3),
+                    "last_used": e.last_used,
+                    "pinned": e.pins > 0,
+                }
+                for e in entries
+            ]
+
+    # ---- loading ----------------------------------------------------------------------------
+
+    def _acquire(self, spec: ModelSpec, quant: str | None) -> _Entry:
+        with self._lock:
+            entry = self._pin_if_loaded(spec.id, quant)
+            if entry is not None:
+                return entry
+            load_lock = self._load_locks.setdefault(spec.id, threading.Lock())
+        with load_lock:
+            with self._lock:
+                entry = self._pin_if_loaded(spec.id, quant)
+                if entry is not None:
+                    return entry
+            existing = self._entries.get(spec.id)
+            if existing is not None:  # loaded at another precision: swap it out first
+                self.unload(spec.id)
+            return self._load(spec, quant)
+
+    def _pin_if_loaded(self, model_id: str, quant: str | None) -> _Entry | None:
+        entry = self._entries.get(model_id)
+        if entry is None or (quant is not None and entry.precision.name != quant):
+            return None
+        entry.pins += 1
+        entry.last_used = time.time()
+        return entry
+
+    def _load(self, spec: ModelSpec, quant: str | None) -> _Entry:
+        precision = choose(spec, self.device, quant)
+        estimate = spec.estimate_bytes(precision.name)
+        with self._lock:
+            evicted = self._make_room(spec.id, estimate)
+            self._reserved[spec.id] = estimate
+        self._release_all(evicted)
+        cuda_before = memory.cuda_allocated()
+        started = time.perf_counter()
+        handle = None
+        try:
+            handle = self._loader(spec, precision, self.settings)
+            nbytes = int(self._measure(handle))
+        except BaseException as exc:
+            handle = None
+            with self._lock:
+                self._reserved.pop(spec.id, None)
+            memory.free_device_memory()
+            if isinstance(exc, (ValueError, ModelTooLargeError, BudgetBusyError)) or not isinstance(exc, Exception):
+                raise
+            raise ModelLoadError(f"Could not load {spec.id}: {exc}") from exc
+        entry = _Entry(spec=spec, handle=handle, precision=precision, nbytes=nbytes,
+                       load_seconds=time.perf_counter() - started, last_used=time.time(),
+                       cuda_before=cuda_before, refs=self._weakrefs(handle), pins=1)
+        with self._lock:
+            self._reserved.pop(spec.id, None)
+            self._entries[spec.id] = entry
+            self.load_count[spec.id] = self.load_count.get(spec.id, 0) + 1
+            try:  # the measured size may exceed the estimate: evict more, or give this model up
+                evicted = self._make_room(spec.id, 0)
+            except (ModelTooLargeError, BudgetBusyError):
+                del self._entries[spec.id]
+                evicted = None
+        del handle
+        if evicted is None:
+            self._release(entry)
+            raise ModelTooLargeError(
+                f"{spec.id} takes {_gb(nbytes)} once loaded, more than the free part of the "
+                f"{_gb(self.budget)} budget. Raise --memory-budget or pick a smaller model or precision.")
+        self._release_all(evicted)
+        log.info("loaded %s (%s on %s, %s) in %.2fs", spec.id, precision.name, precision.device,
+                 _gb(nbytes), entry.load_seconds)
+        return entry
+
+    def _make_room(self, model_id: str, incoming: int) -> list[_Entry]:
+        """Pop LRU unpinned entries until ``incoming`` more bytes fit. Caller holds the lock."""
+        if incoming > self.budget:
+            raise ModelTooLargeError(
+                f"{model_id} needs about {_gb(incoming)}, more than the whole memory budget of "
+                f"{_gb(self.budget)}. Raise --memory-budget or choose a smaller model or a 4-bit precision.")
+        evicted: list[_Entry] = []
+        candidates = sorted((e for mid, e in self._entries.items() if mid != model_id and not e.pins),
+                            key=lambda e: e.last_used)
+        while self.used_bytes() + incoming > self.budget:
+            if not candidates:
+                for entry in evicted:  # put them back: nothing is released when we fail
+                    self._entries[entry.spec.id] = entry
+                busy = [mid for mid, e in self._entries.items() if e.pins and mid != model_id]
+                raise BudgetBusyError(
+                    f"{model_id} needs about {_gb(incoming)} but models in use ({', '.join(busy) or 'loads in progress'}) "
+                    f"hold the {_gb(self.budget)} budget. Try again when they finish.")
+            victim = candidates.pop(0)
+            del self._entries[victim.spec.id]
+            evicted.append(victim)
+            log.info("evicting %s (least recently used) to make room for %s", victim.spec.id, model_id)
+        return evicted
+
+    # ---- unloading --------------------------------------------------------------------------
+
+    @staticmethod
+    def _weakrefs(handle: object) -> list[weakref.ref]:
+        refs = []
+        with contextlib.suppress(TypeError):
+            refs.append(weakref.ref(handle))
+        if memory.torch_loaded():
+            refs.extend(weakref.ref(m) for m in memory.iter_modules(handle))
+        return refs
+
+    def _release_all(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            self._release(entry)
+
+    def _release(self, entry: _Entry) -> None:
+        """Drop the workbench's references, free memory, and check that it really came back."""
+        handle, entry.handle = entry.handle, None
+        try:
+            self._releaser(entry.spec, handle)
+        except Exception:  # a failing hook must not stop the unload
+            log.exception("releasing %s raised; continuing the unload", entry.spec.id)
+        del handle
+        memory.free_device_memory()
+        alive = sum(1 for ref in entry.refs if ref() is not None)
+        leaked_cuda = memory.cuda_allocated() - entry.cuda_before if entry.precision.device == "cuda" else 0
+        if alive or leaked_cuda > CUDA_LEAK_TOLERANCE:
+            detail = f"{alive} object(s) still referenced" if alive else f"{_gb(leaked_cuda)} of CUDA memory not freed"
+            log.warning("Potential memory leak detected: %s still holds memory after unload (%s)",
+                        entry.spec.id, detail)
+            self.leaks.append(entry.spec.id)
+        else:
+            log.info("unloaded %s", entry.spec.id)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1024**3:.2f} GB" if nbytes >= 1024**3 / 10 else f"{nbytes / 1024**2:.1f} MB"

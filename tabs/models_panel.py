@@ -1,0 +1,80 @@
+"""Models tab: what is loaded, how much of the budget it takes, and Unload / Unload all."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import gradio as gr
+
+from tabs.common import user_errors
+
+COLUMNS = ["id", "task", "device", "precision", "size (MB)", "load (s)", "last used", "in use"]
+REFRESH_SECONDS = 3
+
+
+def snapshot_rows(snapshot: list[dict]) -> list[list]:
+    return [
+        [m["id"], m["task"], m["device"], m["precision"], round(m["bytes"] / 1024**2, 1), m["load_seconds"],
+         datetime.datetime.fromtimestamp(m["last_used"]).strftime("%H:%M:%S"), "yes" if m["pinned"] else ""]
+        for m in snapshot
+    ]
+
+
+def budget_meter_html(used: int, budget: int) -> str:
+    share = min(100.0, 100.0 * used / budget) if budget else 0.0
+    return (f"<div><b>Memory budget</b>: {used / 1024**3:.2f} GB of {budget / 1024**3:.2f} GB used "
+            f"({share:.1f}%)</div><div class='wb-meter'><div style='width:{share:.1f}%'></div></div>")
+
+
+def models_json(manager) -> str:
+    """The snapshot as JSON text (the /models endpoint)."""
+    return json.dumps({"models": manager.snapshot(), "used_bytes": manager.used_bytes(),
+                       "budget_bytes": manager.budget})
+
+
+def unload_message(manager, model_id: str) -> str:
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise ValueError("Choose a loaded model to unload.")
+    if model_id not in manager.catalog:
+        raise ValueError(f"Unknown model {model_id!r}.")
+    return f"Unloaded {model_id}." if manager.unload(model_id) else f"{model_id} was not loaded."
+
+
+def unload_all_message(manager) -> str:
+    unloaded = manager.unload_all()
+    busy = [m["id"] for m in manager.snapshot() if m["pinned"]]
+    text = f"Unloaded {len(unloaded)} model(s)" + (f": {', '.join(unloaded)}." if unloaded else ".")
+    return text + (f" Still in use: {', '.join(busy)}." if busy else "")
+
+
+def build(manager, settings) -> None:
+    def refresh():
+        snap = manager.snapshot()
+        ids = [m["id"] for m in snap]
+        return (snapshot_rows(snap), budget_meter_html(manager.used_bytes(), manager.budget),
+                gr.update(choices=ids, value=ids[0] if ids else None))
+
+    with gr.Row():
+        meter = gr.HTML(budget_meter_html(0, manager.budget), elem_id="budget-meter")
+    table = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, elem_id="models-table",
+                         label="Loaded models (refreshes every few seconds)")
+    with gr.Row():
+        choice = gr.Dropdown(choices=[], label="Loaded model", allow_custom_value=True, scale=3)
+        unload_btn = gr.Button("Unload", scale=1)
+        unload_all_btn = gr.Button("Unload all", variant="stop", scale=1, elem_id="unload-all")
+    status = gr.Markdown(elem_id="models-status")
+    timer = gr.Timer(REFRESH_SECONDS)
+
+    timer.tick(refresh, outputs=[table, meter, choice], show_progress="hidden", api_visibility="private",
+               queue=False)
+    unload_btn.click(user_errors(lambda mid: unload_message(manager, mid)), inputs=choice, outputs=status,
+                     api_name="unload").then(refresh, outputs=[table, meter, choice], api_visibility="private")
+    unload_all_btn.click(lambda: unload_all_message(manager), outputs=status, api_name="unload_all").then(
+        refresh, outputs=[table, meter, choice], api_visibility="private")
+
+    def models() -> dict:
+        """Loaded models (id, task, device, precision, bytes, load seconds, last use, pinned) and budget."""
+        return json.loads(models_json(manager))
+
+    gr.api(models, api_name="models", queue=False)

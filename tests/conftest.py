@@ -1,0 +1,99 @@
+"""Shared fixtures: offline settings, a real manager on tiny models, and one launched app.
+
+Built offline models are cached in .cache/test-models (kept between local runs; CI builds them
+once per run). Everything else a test writes goes to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = ROOT / ".cache" / "test-models"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = False
+    if any("gpu" in item.keywords for item in items):
+        import torch
+
+        cuda = torch.cuda.is_available()
+    chromium = shutil.which("chromium") or Path("/usr/bin/chromium").exists()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        if "browser" in item.keywords and not chromium and not os.environ.get("CI"):
+            item.add_marker(pytest.mark.skip(reason="Debian's chromium is not installed (make test installs it)"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_settings(tmp: Path, **overrides):
+    from models.settings import Settings
+
+    values = dict(cache_dir=tmp, models_dir=MODELS_DIR, offline=True, offline_reason="tests run offline",
+                  device="cpu", memory_budget_gb=4.0)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def catalog():
+    from models.catalog import Catalog
+
+    return Catalog.load()
+
+
+@pytest.fixture
+def manager(settings, catalog):
+    """A real ModelManager on the real families; unloads everything at the end."""
+    from models.manager import ModelManager
+
+    mgr = ModelManager(catalog, settings)
+    yield mgr
+    mgr.unload_all()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """The assembled app, launched once per session on a free port: (url, manager, settings)."""
+    import app
+
+    cache = tmp_path_factory.mktemp("app-cache")
+    port = free_port()
+    os.environ["WORKBENCH_MODELS_DIR"] = str(MODELS_DIR)
+    settings, manager, demo = app.create(["--offline", "--cache-dir", str(cache), "--port", str(port),
+                                          "--device", "cpu", "--memory-budget", "4"])
+    demo.queue(default_concurrency_limit=4)
+    kwargs = app.launch_kwargs(settings, manager)
+    demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
+    url = f"http://127.0.0.1:{port}/"
+    yield url, manager, settings
+    demo.close()
+    manager.unload_all()
+
+
+@pytest.fixture(scope="session")
+def client(app_server):
+    from gradio_client import Client
+
+    return Client(app_server[0], verbose=False)
