@@ -144,6 +144,10 @@ def ensure_package_model(spec: ModelSpec, settings: Settings) -> Path:
         log.info("converting %s from GGUF to safetensors once (this takes a while on CPU)", spec.id)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename)
+        # GGUF weights are de-quantized on load; drop the marker so the float weights can be saved
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tokenizer.save_pretrained(folder)
         model.save_pretrained(folder, safe_serialization=True)
 
