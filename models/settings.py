@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="app.py",
         description="Multimodal Workbench: VQA, text-to-image, voice assistant, QLoRA fine-tuning.",
     )
-    parser.add_argument("--host", default=_env("WORKBENCH_HOST", "127.0.0.1"),
-                        help="interface to bind (env WORKBENCH_HOST, default 127.0.0.1)")
+    parser.add_argument("--host", default=_env("WORKBENCH_HOST", _env("GRADIO_SERVER_NAME", "127.0.0.1")),
+                        help="interface to bind (env WORKBENCH_HOST or GRADIO_SERVER_NAME, default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=int(_env("WORKBENCH_PORT", _env("GRADIO_SERVER_PORT", "7860"))),
                         help="port (env WORKBENCH_PORT or GRADIO_SERVER_PORT, default 7860)")
     parser.add_argument("--share", action="store_true", default=(_env("WORKBENCH_SHARE", "0").lower() in TRUTHY),
