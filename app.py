@@ -17,18 +17,19 @@ def create(argv: list[str] | None = None):
     from models.catalog import Catalog
     from models.manager import ModelManager
     from models.settings import settings_from_args, with_hub_probe
-    from tabs import build_app
 
     settings = with_hub_probe(settings_from_args(argv))
     catalog = Catalog.load(settings.models_file)
     manager = ModelManager(catalog, settings)
+    from tabs import build_app  # imports gradio: after the flags are known to be valid
+
     demo = build_app(manager, settings)
     return settings, manager, demo
 
 
 def launch_kwargs(settings, manager) -> dict:
     """Keyword arguments for ``demo.launch``, including the /health route and secure defaults."""
-    from tabs import THEME, CSS, health_route
+    from tabs import CSS, THEME, health_route
 
     return {
         "server_name": settings.host,

@@ -98,6 +98,10 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     args = build_parser().parse_args(argv)
     if args.memory_budget <= 0:
         raise SystemExit("--memory-budget must be a positive number of GB")
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as exc:  # a start-up mistake: a one-line message, not a traceback
+        raise SystemExit(str(exc)) from None
     offline, reason = bool(args.offline), "--offline was given" if args.offline else ""
     if not offline and _env("HF_HUB_OFFLINE", "0").lower() in TRUTHY:
         offline, reason = True, "HF_HUB_OFFLINE=1 is set"
@@ -105,7 +109,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         host=args.host,
         port=args.port,
         share=args.share,
-        auth=parse_auth(args.auth),
+        auth=auth,
         memory_budget_gb=args.memory_budget,
         device=args.device,
         offline=offline,
