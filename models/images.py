@@ -1,0 +1,222 @@
+"""Loading user images safely: validation, RGB conversion, EXIF orientation and size limits.
+
+``load_image`` is shared by the VQA tab and the fine-tuning data validator. It either returns an
+RGB ``PIL.Image`` ready for a processor, plus the notices a user should see about what was done to
+it, or raises ``ValueError`` with a message that says what is wrong with the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+# Larger images are downscaled (with a notice); the processors resize to a few hundred pixels anyway.
+DEFAULT_MAX_PIXELS = 4_000_000
+# Anything above this is refused before decoding: a tiny file can declare a huge canvas (a
+# "decompression bomb") and take gigabytes once decoded. 64 MP covers every camera photo.
+MAX_DECODE_PIXELS = 64_000_000
+SUPPORTED_HINT = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+EXIF_ORIENTATION = 0x0112
+
+
+def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[object, list[str]]:
+    """Open ``source`` (a path or a PIL image) as an RGB image of at most ``max_pixels`` pixels.
+
+    Args:
+        source: a file path (str or Path) or an already opened ``PIL.Image.Image``.
+        max_pixels: images with more pixels are downscaled, keeping their aspect ratio.
+
+    Returns:
+        ``(image, notices)``: the RGB image and short sentences about conversions that were made
+        (first frame of an animation, transparency flattened, downscaled, rotated...).
+
+    Raises:
+        ValueError: the file is missing, empty, not an image, corrupt or truncated, has a side of
+            0 pixels, or declares more than ``MAX_DECODE_PIXELS`` pixels.
+    """
+    from PIL import Image
+
+    if not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive whole number, got {max_pixels!r}")
+    if isinstance(source, Image.Image):
+        return _prepare(source, max_pixels, name="the image")
+    if source is None or (isinstance(source, str) and not source.strip()):
+        raise ValueError("No image given. Upload, paste or capture an image first.")
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"image must be a file path or a PIL image, got {type(source).__name__}")
+    path = Path(source)
+    name = path.name
+    if not path.is_file():
+        raise ValueError(f"Image file {name!r} does not exist.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name!r} is an empty file (0 bytes), not an image.")
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(name, None) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ValueError(f"{name!r} is not an image file this app can read ({SUPPORTED_HINT}).") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{name!r} could not be opened as an image: {exc}") from exc
+    with image:
+        return _prepare(image, max_pixels, name=repr(name))
+
+
+def _bomb_error(name: str, size: tuple[int, int] | None) -> ValueError:
+    declared = f" declares {size[0]}x{size[1]} pixels and" if size else ""
+    return ValueError(f"{name}{declared} is larger than the {MAX_DECODE_PIXELS // 1_000_000} megapixel limit "
+                      "(possibly a decompression bomb). Resize it before uploading.")
+
+
+def _prepare(image, max_pixels: int, name: str) -> tuple[object, list[str]]:
+    """Validate, decode, orient, convert to RGB and downscale an opened image."""
+    from PIL import Image
+
+    notices: list[str] = []
+    # 1. Check the declared size before decoding anything.
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{name} has a side of 0 pixels ({width}x{height}); it holds no picture.")
+    if width * height > MAX_DECODE_PIXELS:
+        raise _bomb_error(name, (width, height))
+    # 2. Animated images: answer about the first frame.
+    frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
+    if frames > 1:
+        image.seek(0)
+        notices.append(f"Animated image: using the first of its {frames} frames.")
+    # 3. Decode now so that truncated or corrupt data fails here, with a clear message.
+    if width * height > max_pixels and image.format == "JPEG":
+        image.draft("RGB", _fit(width, height, max_pixels))  # JPEG can decode at a reduced scale
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(name, (width, height)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ValueError(f"{name} is corrupt or truncated and cannot be decoded ({exc}). "
+                         "Re-save or re-export it and try again.") from exc
+    # 4. Orientation, then colour mode, then size.
+    image = _apply_exif_orientation(image, notices)
+    image = _to_rgb(image, notices)
+    if image.width * image.height > max_pixels:
+        new_size = _fit(image.width, image.height, max_pixels)
+        notices.append(f"Large image downscaled from {image.width}x{image.height} to {new_size[0]}x{new_size[1]}.")
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+    return image, notices
+
+
+def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _apply_exif_orientation(image, notices: list[str]):
+    from PIL import ImageOps
+
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):  # unreadable EXIF is ignored, the pixels are fine
+        return image
+    if orientation in (None, 1):
+        return image
+    notices.append("Rotated according to the photo's EXIF orientation.")
+    return ImageOps.exif_transpose(image)
+
+
+def _to_rgb(image, notices: list[str]):
+    """Convert any PIL mode to 8-bit RGB; transparency is flattened onto white."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        notices.append(f"High bit-depth image ({mode}) scaled to 8-bit.")
+        return _high_depth_to_rgb(image)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        if image.getextrema()[3][0] < 255:
+            notices.append("Transparent areas were filled with white.")
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    if mode == "CMYK":
+        notices.append("CMYK image converted to RGB.")
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image):
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        scaled = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    else:  # 32-bit integer or float: stretch the actual range to 0..255
+        values = values.astype(np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = np.zeros(values.shape, np.uint8) if high <= low else \
+            ((values - low) * (255.0 / (high - low))).round().astype(np.uint8)
+    return Image.fromarray(scaled, mode="L").convert("RGB")
+
+
+# ---- examples the project draws itself (no downloads, same pixels on every machine) -------------
+
+EXAMPLES = (
+    ("red-square.png", "What color is the square?"),
+    ("shapes.png", "How many shapes are in this picture?"),
+    ("traffic-light.png", "Which light is on?"),
+    ("sign.png", "What does the sign say?"),
+)
+
+
+def draw_example(name: str):
+    """Draw one example image by name (see ``EXAMPLES``)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (256, 256), "white")
+    draw = ImageDraw.Draw(image)
+    if name == "red-square.png":
+        draw.rectangle((64, 64, 192, 192), fill=(220, 20, 30))
+    elif name == "shapes.png":
+        draw.ellipse((20, 20, 110, 110), fill=(30, 80, 220))
+        draw.polygon([(180, 20), (240, 110), (120, 110)], fill=(30, 170, 60))
+        draw.rectangle((90, 150, 170, 230), fill=(240, 200, 20))
+    elif name == "traffic-light.png":
+        draw.rectangle((96, 16, 160, 240), fill=(40, 40, 40))
+        for index, color in enumerate([(90, 0, 0), (90, 70, 0), (0, 230, 60)]):
+            top = 28 + index * 72
+            draw.ellipse((104, top, 152, top + 48), fill=color)
+    elif name == "sign.png":
+        draw.rectangle((28, 88, 228, 168), fill=(200, 20, 20))
+        draw.text((98, 116), "STOP", fill="white", font_size=32) if _has_font_size() else \
+            draw.text((112, 122), "STOP", fill="white")
+    else:
+        raise ValueError(f"unknown example image {name!r}; known: {', '.join(n for n, _ in EXAMPLES)}")
+    return image
+
+
+def _has_font_size() -> bool:
+    import inspect
+
+    from PIL import ImageDraw
+
+    return "font_size" in inspect.signature(ImageDraw.ImageDraw.text).parameters
+
+
+def ensure_examples(folder: Path) -> list[tuple[str, str]]:
+    """Write the example images into ``folder`` (once) and return ``(path, question)`` pairs."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for name, question in EXAMPLES:
+        path = folder / name
+        if not path.is_file():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            draw_example(name).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        pairs.append((str(path), question))
+    return pairs
