@@ -56,11 +56,27 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[object, li
     except Image.DecompressionBombError as exc:
         raise _bomb_error(name, None) from exc
     except Image.UnidentifiedImageError as exc:
+        size = _declared_size(path)
+        if size is not None and 0 in size:
+            raise ValueError(f"{name!r} has a side of 0 pixels ({size[0]}x{size[1]}); it holds no picture.") from exc
         raise ValueError(f"{name!r} is not an image file this app can read ({SUPPORTED_HINT}).") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{name!r} could not be opened as an image: {exc}") from exc
     with image:
         return _prepare(image, max_pixels, name=repr(name))
+
+
+def _declared_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from a PNG or GIF header, for files Pillow refuses to identify."""
+    import struct
+
+    with open(path, "rb") as handle:
+        head = handle.read(32)
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return struct.unpack("<HH", head[6:10])
+    return None
 
 
 def _bomb_error(name: str, size: tuple[int, int] | None) -> ValueError:
