@@ -146,6 +146,18 @@ def example_pairs(settings) -> list[list[str]]:
     return [[path, question] for path, question in ensure_examples(settings.cache_dir / "examples")]
 
 
+def vqa_endpoint(manager, settings):
+    """The /vqa handler; its parameter names are the API's parameter names."""
+    @gpu
+    @user_errors
+    def vqa(image, question, model, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE,
+            adapter=NONE, top_p=DEFAULT_TOP_P, system_prompt=""):
+        """Answer one question about an image file; returns the whole answer text."""
+        return answer_once(manager, settings, image, question, model, max_new_tokens, temperature, adapter, top_p,
+                           system_prompt)
+    return vqa
+
+
 # ---- UI ----------------------------------------------------------------------------------------
 
 def build(manager, settings) -> None:
@@ -200,11 +212,7 @@ def build(manager, settings) -> None:
         api_answer = gr.Textbox(label="answer")
         api_button = gr.Button("vqa")
 
-    @gpu
-    @user_errors
-    def vqa(image_path, question_text, model_id, max_tokens, temp, adapter_name, top_p_value, system_text):
-        return answer_once(manager, settings, image_path, question_text, model_id, max_tokens, temp,
-                           adapter_name, top_p_value, system_text)
+    vqa = vqa_endpoint(manager, settings)
 
     @gpu
     @user_errors
