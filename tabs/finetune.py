@@ -1,7 +1,278 @@
-"""Placeholder while the finetune tab is being built (replaced by its issue's work)."""
+"""Fine-tune (QLoRA) tab: validate a dataset, configure a run, follow its loss, stop or resume it.
+
+Training runs in its own process (finetune.train) driven by finetune.runner.TrainingRunner; this
+module only turns widget values into plain values and back.
+"""
+
+from __future__ import annotations
 
 import gradio as gr
 
+from finetune.config import PRESETS, QUANTIZATIONS, SCHEDULERS, RunConfig, cli_command, parse_config, with_preset
+from finetune.runner import ACTIVE_STATES, TrainingRunner
+from tabs.common import check_number, user_errors
+
+POLL_SECONDS = 2
+TRAINABLE_TASKS = ("chat", "vqa")
+# Form fields in widget order; each one is a RunConfig attribute.
+FORM_FIELDS = ("base_model", "adapter_name", "quantization", "lora_r", "lora_alpha", "lora_dropout",
+               "target_modules", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum",
+               "max_length", "warmup_steps", "scheduler", "seed", "gradient_checkpointing", "eval_steps",
+               "save_steps", "val_fraction")
+
+
+def upload_path(dataset) -> str | None:
+    """A server path from what the UI or the API sends (a path, a FileData dict or object)."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        return dataset.get("path")
+    return getattr(dataset, "path", dataset)
+
+
+def form_to_config(*values) -> RunConfig:
+    raw = dict(zip(FORM_FIELDS, values, strict=True))
+    targets = str(raw["target_modules"] or "").strip()
+    raw["target_modules"] = targets if targets in ("", "all-linear") else [t.strip() for t in targets.split(",")
+                                                                            if t.strip()]
+    raw["target_modules"] = raw["target_modules"] or "all-linear"
+    for name in ("lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_length", "warmup_steps",
+                 "seed", "eval_steps", "save_steps"):
+        if isinstance(raw[name], float) and raw[name] == int(raw[name]):
+            raw[name] = int(raw[name])
+    return RunConfig(**raw)
+
+
+def config_to_form(config: RunConfig) -> list:
+    values = []
+    for name in FORM_FIELDS:
+        value = getattr(config, name)
+        values.append(", ".join(value) if name == "target_modules" and isinstance(value, list) else value)
+    return values
+
+
+def config_yaml(config: RunConfig) -> str:
+    """The YAML a user edits or saves: training knobs only; the runner fills in the paths."""
+    import yaml
+
+    return yaml.safe_dump(config.training_dict(), sort_keys=False, allow_unicode=True)
+
+
+def progress_html(status: dict) -> str:
+    total, step = status.get("total") or 0, status.get("step") or 0
+    share = min(100.0, 100.0 * step / total) if total else 0.0
+    eta = status.get("eta_s")
+    details = [f"<b>{status['state']}</b>", f"step {step} / {total or '?'}"]
+    if status.get("loss") is not None:
+        details.append(f"loss {status['loss']:.4f}")
+    if status.get("tokens_per_s"):
+        details.append(f"{status['tokens_per_s']:.0f} tokens/s")
+    if eta is not None and status["state"] in ACTIVE_STATES:
+        details.append(f"ETA {eta:.0f} s")
+    return (f"<div>{' · '.join(details)}</div>"
+            f"<div class='wb-meter'><div style='width:{share:.1f}%'></div></div>")
+
+
+def loss_frame(status: dict):
+    import pandas as pd
+
+    rows = [{"step": p["step"], "loss": p["loss"], "series": "train"} for p in status.get("loss_history", [])]
+    rows += [{"step": p["step"], "loss": p["eval_loss"], "series": "eval"} for p in status.get("eval_history", [])]
+    return pd.DataFrame(rows or [], columns=["step", "loss", "series"])
+
+
+def status_message(status: dict) -> str:
+    state = status["state"]
+    if state == "completed":
+        return f"Run {status['run_id']} completed. Adapter saved to `{status['adapter']}`."
+    if state == "stopped":
+        return (f"Run {status['run_id']} stopped at step {status['step']}; checkpoint `{status['checkpoint']}`"
+                + (f", adapter `{status['adapter']}`." if status.get("adapter") else "."))
+    if state == "failed":
+        return f"Run {status['run_id']} failed: {status['message']}. The last log lines are below."
+    return f"Run {status['run_id']} is {state}."
+
 
 def build(manager, settings) -> None:
-    gr.Markdown("Not built yet.")
+    runner = TrainingRunner(settings, manager)
+    defaults = RunConfig(base_model=manager.catalog.default_for("chat", settings.offline))
+    model_choices = [(spec.label, spec.id) for spec in manager.catalog if spec.task in TRAINABLE_TASKS]
+
+    gr.Markdown("Train a LoRA adapter on a 4-bit base model (QLoRA). Training runs in its own process; "
+                "the chat and VQA models are unloaded first. Saved adapters appear in the VQA and chat tabs.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            dataset = gr.File(label="Dataset (.jsonl, or .zip with the JSONL and its images)",
+                              file_types=[".jsonl", ".zip"], elem_id="ft-dataset")
+            validate_btn = gr.Button("Validate dataset", elem_id="ft-validate")
+            report = gr.JSON(label="Validation report", elem_id="ft-report")
+            preview_gallery = gr.Gallery(label="Preview images", height=160, columns=5, visible=False)
+            preview_table = gr.Dataframe(headers=["line", "prompt", "answer"], label="First rows", interactive=False,
+                                         wrap=True)
+        with gr.Column(scale=1):
+            with gr.Row():
+                base_model = gr.Dropdown(model_choices, value=defaults.base_model, label="Base model")
+                adapter_name = gr.Textbox(defaults.adapter_name, label="Adapter name")
+            with gr.Row():
+                preset = gr.Dropdown(list(PRESETS), value=None, label="Preset", scale=3)
+                apply_preset = gr.Button("Apply preset", scale=1)
+            with gr.Accordion("LoRA and quantization", open=False):
+                quantization = gr.Radio(list(QUANTIZATIONS), value=defaults.quantization,
+                                        label="Base quantization (nf4 = QLoRA, double quantization)")
+                with gr.Row():
+                    lora_r = gr.Number(defaults.lora_r, label="LoRA r", precision=0, minimum=1)
+                    lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0, minimum=1)
+                    lora_dropout = gr.Number(defaults.lora_dropout, label="LoRA dropout", minimum=0, maximum=0.9)
+                target_modules = gr.Textbox("all-linear", label="Target modules ('all-linear' = every linear layer "
+                                            "of the language model; or a comma list like q_proj, v_proj)")
+            with gr.Accordion("Optimisation", open=True):
+                with gr.Row():
+                    learning_rate = gr.Number(defaults.learning_rate, label="Learning rate")
+                    epochs = gr.Number(defaults.epochs, label="Epochs")
+                    max_steps = gr.Number(defaults.max_steps, label="Max steps (0 = use epochs)", precision=0)
+                with gr.Row():
+                    batch_size = gr.Number(defaults.batch_size, label="Batch size", precision=0, minimum=1)
+                    grad_accum = gr.Number(defaults.grad_accum, label="Gradient accumulation", precision=0)
+                    max_length = gr.Number(defaults.max_length, label="Max length (tokens)", precision=0)
+                with gr.Row():
+                    warmup_steps = gr.Number(defaults.warmup_steps, label="Warmup steps", precision=0)
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler")
+                    seed = gr.Number(defaults.seed, label="Seed", precision=0)
+                with gr.Row():
+                    gradient_checkpointing = gr.Checkbox(defaults.gradient_checkpointing,
+                                                         label="Gradient checkpointing")
+                    eval_steps = gr.Number(defaults.eval_steps, label="Evaluate every N steps (0 = at end)",
+                                           precision=0)
+                    save_steps = gr.Number(defaults.save_steps, label="Save every N steps (0 = at end)", precision=0)
+                    val_fraction = gr.Number(defaults.val_fraction, label="Validation fraction", minimum=0,
+                                             maximum=0.5)
+            with gr.Accordion("Config as YAML", open=False):
+                config_text = gr.Code(config_yaml(defaults), language="yaml", label="Run config (editable)",
+                                      interactive=True, elem_id="ft-config")
+                with gr.Row():
+                    config_file = gr.File(label="Load YAML", file_types=[".yaml", ".yml"], height=80)
+                    download = gr.DownloadButton("Save YAML")
+                    show_command = gr.Button("Show command")
+                command = gr.Code(label="Equivalent command line", language="shell", visible=False)
+    with gr.Row():
+        start_btn = gr.Button("Start training", variant="primary", elem_id="ft-start")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="ft-stop")
+        resume_btn = gr.Button("Resume from checkpoint", elem_id="ft-resume")
+        run_id = gr.Textbox(label="Run id", interactive=False, elem_id="ft-run-id")
+    progress = gr.HTML(elem_id="ft-progress")
+    message = gr.Markdown(elem_id="ft-message")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=260, elem_id="ft-loss")
+        log_lines = gr.Textbox(label="Last log lines", lines=10, max_lines=12, interactive=False)
+    timer = gr.Timer(POLL_SECONDS, active=False)
+
+    form = [base_model, adapter_name, quantization, lora_r, lora_alpha, lora_dropout, target_modules, learning_rate,
+            epochs, max_steps, batch_size, grad_accum, max_length, warmup_steps, scheduler, seed,
+            gradient_checkpointing, eval_steps, save_steps, val_fraction]
+
+    # ---- handlers: thin wrappers over runner/config functions ---------------------------------
+
+    def validate_ui(upload, model_id, length, fraction, seed_value):
+        result = runner.validate(upload_path(upload), model_id, check_number("max length", length, 8, 131072, True),
+                                 check_number("validation fraction", fraction, 0, 0.5),
+                                 check_number("seed", seed_value, 0, 2**32 - 1, True))
+        images = [row["image"] for row in result["preview"] if row["image"]]
+        table = [[row["line"], row["prompt"], row["answer"]] for row in result["preview"]]
+        return result, gr.update(value=images, visible=bool(images)), table
+
+    def form_changed(*values):
+        try:
+            return config_yaml(form_to_config(*values))
+        except (TypeError, ValueError):
+            return gr.skip()
+
+    def preset_applied(name, *values):
+        return config_to_form(with_preset(form_to_config(*values), name))
+
+    def yaml_loaded(file):
+        if file is None:
+            return [gr.skip()] * (len(form) + 1)
+        config = RunConfig.load(upload_path(file))
+        return [*config_to_form(config), config_yaml(config)]
+
+    def yaml_saved(text):
+        config = parse_config(text).validate(manager.catalog)
+        path = settings.runs_dir / "saved-configs" / f"{config.adapter_name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(config_yaml(config), encoding="utf-8")
+        return str(path)
+
+    def command_shown(text):
+        config = parse_config(text).validate(manager.catalog)
+        shell = cli_command(f"{config.adapter_name}.yaml")
+        accelerate = cli_command(f"{config.adapter_name}.yaml", accelerate=True)
+        return gr.update(value=f"# save the YAML above as {config.adapter_name}.yaml (add dataset: path/to/data.jsonl)"
+                               f"\n{shell}\n# or, on several GPUs\n{accelerate}", visible=True)
+
+    def show(status: dict):
+        active = status["state"] in ACTIVE_STATES
+        return (progress_html(status), status_message(status), loss_frame(status),
+                "\n".join(status.get("log_tail", [])), gr.Timer(active=active))
+
+    def start_ui(upload, text):
+        new_id = runner.start(upload_path(upload), text)
+        return (new_id, *show(runner.status(new_id)))
+
+    def resume_ui(current):
+        new_id = runner.resume(current)
+        return (new_id, *show(runner.status(new_id)))
+
+    def poll(current):
+        if not current:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        return show(runner.status(current))
+
+    def stop_ui(current):
+        if not current:
+            raise ValueError("No run to stop.")
+        return show(runner.stop(current))
+
+    run_outputs = [progress, message, loss_plot, log_lines, timer]
+    validate_btn.click(user_errors(validate_ui), inputs=[dataset, base_model, max_length, val_fraction, seed],
+                       outputs=[report, preview_gallery, preview_table], api_visibility="private")
+    gr.on([c.change for c in form], form_changed, inputs=form, outputs=config_text, api_visibility="private",
+          show_progress="hidden", queue=False)
+    apply_preset.click(user_errors(preset_applied), inputs=[preset, *form], outputs=form, api_visibility="private")
+    config_file.upload(user_errors(yaml_loaded), inputs=config_file, outputs=[*form, config_text],
+                       api_visibility="private")
+    download.click(user_errors(yaml_saved), inputs=config_text, outputs=download, api_visibility="private")
+    show_command.click(user_errors(command_shown), inputs=config_text, outputs=command, api_visibility="private")
+    start_btn.click(user_errors(start_ui), inputs=[dataset, config_text], outputs=[run_id, *run_outputs],
+                    api_visibility="private")
+    resume_btn.click(user_errors(resume_ui), inputs=run_id, outputs=[run_id, *run_outputs], api_visibility="private")
+    stop_btn.click(user_errors(stop_ui), inputs=run_id, outputs=run_outputs, api_visibility="private", queue=False)
+    timer.tick(user_errors(poll), inputs=run_id, outputs=run_outputs, api_visibility="private", queue=False,
+               show_progress="hidden")
+
+    # ---- named API endpoints ----------------------------------------------------------------
+
+    @user_errors
+    def finetune_validate(dataset: gr.FileData, base_model: str = defaults.base_model, max_length: int = 512) -> dict:
+        """Validate a .jsonl/.zip dataset: line-numbered problems, counts, token stats for base_model, preview."""
+        length = check_number("max_length", max_length, 8, 131072, integer=True)
+        return runner.validate(upload_path(dataset), base_model, length)
+
+    @user_errors
+    def finetune_start(dataset: gr.FileData, config: dict | str = "") -> str:
+        """Start a QLoRA run. config: YAML text, JSON text or a dict of RunConfig fields. Returns the run id."""
+        return runner.start(upload_path(dataset), config)
+
+    @user_errors
+    def finetune_status(run_id: str) -> dict:
+        """State (starting/running/stopping/completed/stopped/failed), step, total, loss history, adapter path."""
+        return runner.status(run_id)
+
+    @user_errors
+    def finetune_stop(run_id: str) -> dict:
+        """Ask a run to stop: it saves a checkpoint and the adapter, then ends. Returns its status."""
+        return runner.stop(run_id)
+
+    gr.api(finetune_validate, api_name="finetune_validate")
+    gr.api(finetune_start, api_name="finetune_start")
+    gr.api(finetune_status, api_name="finetune_status", queue=False)
+    gr.api(finetune_stop, api_name="finetune_stop", queue=False)

@@ -1,0 +1,328 @@
+"""Starts, follows and stops the training process for the UI and the API; one run at a time.
+
+A run lives in ``<runs_dir>/<run_id>/``: ``config.yaml``, ``data/`` (the dataset copy),
+``log.jsonl`` (written by the training process), ``process.log`` (its stdout/stderr) and
+``checkpoints/``. The state of a run is derived from its log and the process's exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from finetune.config import RunConfig, cli_command, parse_config
+from finetune.data import DatasetError, parse_dataset, prepare_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+ACTIVE_STATES = ("starting", "running", "stopping")
+LOG_TAIL_LINES = 12
+STOP_GRACE_SECONDS = 60
+
+
+class RunBusyError(RuntimeError):
+    """A training run is already in progress."""
+
+
+@dataclasses.dataclass
+class _Process:
+    run_id: str
+    popen: subprocess.Popen
+    run_dir: Path
+    stop_requested: bool = False
+    reaped: bool = False
+
+
+def read_log(path: Path) -> list[dict]:
+    """Records of a run log; a half-written last line (the writer is mid-flush) is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16_384))
+            return handle.read().decode("utf-8", "replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return []
+
+
+def summarize(records: list[dict], exit_code: int | None, stop_requested: bool = False) -> dict:
+    """State, progress and loss history of one run from its log records and exit code."""
+    steps: dict[int, dict] = {}
+    evals: dict[int, float] = {}
+    total = 0
+    done = error = None
+    checkpoint = None
+    for record in records:
+        event = record.get("event")
+        if event in ("start", "step"):
+            total = record.get("total_steps") or total
+        if event == "step":
+            steps[record["step"]] = record
+        elif event == "eval":
+            evals[record["step"]] = record["eval_loss"]
+        elif event == "checkpoint":
+            checkpoint = record.get("path")
+        elif event == "done":
+            done, error = record, None
+        elif event == "error":
+            error, done = record, None
+        elif event == "process":
+            done = error = None  # a resumed run starts a new process in the same folder
+    last = steps[max(steps)] if steps else {}
+    if done is not None:
+        state = done["state"]
+    elif error is not None:
+        state = "failed"
+    elif exit_code is None:
+        state = "stopping" if stop_requested else ("running" if steps or total else "starting")
+    elif exit_code == 0:
+        state = "completed"
+    else:
+        state = "failed"
+    message = ""
+    if error is not None:
+        message = error.get("message", "")
+    elif state == "failed":
+        how = f"killed by signal {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exit code {exit_code}"
+        message = f"the training process ended without finishing ({how})"
+    return {
+        "state": state,
+        "step": last.get("step", 0),
+        "total": total,
+        "loss": last.get("loss"),
+        "learning_rate": last.get("learning_rate"),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "eta_s": last.get("eta_s"),
+        "loss_history": [{"step": s, "loss": steps[s]["loss"]} for s in sorted(steps)],
+        "eval_history": [{"step": s, "eval_loss": v} for s, v in sorted(evals.items())],
+        "adapter": (done or {}).get("adapter"),
+        "checkpoint": (done or {}).get("checkpoint") or checkpoint,
+        "metrics": (done or {}).get("metrics", {}),
+        "message": message,
+    }
+
+
+class TrainingRunner:
+    """Owns at most one training process at a time for one app.
+
+    Args:
+        settings: where runs, adapters and models live.
+        manager: its models are unloaded before a run, so that training has the device to itself.
+        catalog: model lookup (the manager's by default).
+    """
+
+    def __init__(self, settings, manager=None, catalog=None):
+        self.settings = settings
+        self.manager = manager
+        self.catalog = catalog if catalog is not None else manager.catalog
+        self._lock = threading.Lock()
+        self._current: _Process | None = None
+
+    # ---- start --------------------------------------------------------------------------------
+
+    def prepare(self, dataset, config) -> tuple[RunConfig, str, Path]:
+        """Validate config and dataset and write the run folder; (config, run_id, run_dir)."""
+        config = parse_config(config).validate(self.catalog)
+        if dataset is None or (isinstance(dataset, str) and not dataset.strip()):
+            raise ValueError("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        run_dir = self.settings.runs_dir / run_id
+        data_path = prepare_dataset(Path(dataset), run_dir / "data",
+                                    max_bytes=max(self.settings.max_upload_mb, 1) * 1024**2 * 20)
+        parsed = parse_dataset(data_path)
+        if parsed.problems:
+            raise DatasetError(parsed.problems)
+        if parsed.format == "vqa" and self.catalog.get(config.base_model).family != "vlm":
+            raise ValueError(f"{config.base_model} is a text model but the dataset has images; choose a VQA model")
+        self._check_prompts_fit(parsed, config)
+        config = dataclasses.replace(
+            config, dataset=str(data_path), run_dir=str(run_dir), cache_dir=str(self.settings.cache_dir),
+            models_dir=str(self.settings.offline_models_dir), offline=self.settings.offline,
+            device=self.settings.device)
+        config.save(run_dir / "config.yaml")
+        return config, run_id, run_dir
+
+    def _check_prompts_fit(self, parsed, config: RunConfig) -> None:
+        """Tokenize with the model's tokenizer: a prompt longer than max_length is a config error."""
+        from finetune.data import encode_all, load_text_processor
+
+        processor, is_vlm = load_text_processor(config.base_model, self.settings, self.catalog)
+        encode_all(parsed.examples, processor, config.max_length, is_vlm)
+
+    def start(self, dataset, config, resume_run: str = "") -> str:
+        """Start a run in its own process group; returns its run id. Raises RunBusyError if one runs."""
+        with self._lock:
+            self._refuse_if_busy()
+            if resume_run:
+                run_id, run_dir = resume_run, self._run_dir(resume_run)
+                config_path = run_dir / "config.yaml"
+                args = ["--resume", "latest"]
+                if not list((run_dir / "checkpoints").glob("checkpoint-*")):
+                    raise ValueError(f"run {run_id} has no checkpoint to resume from")
+            else:
+                _, run_id, run_dir = self.prepare(dataset, config)
+                config_path, args = run_dir / "config.yaml", []
+            if self.manager is not None:
+                self.manager.unload_all()  # training takes the device; chat/VQA reload on their next call
+            output = open(run_dir / "process.log", "ab")
+            try:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "finetune.train", str(config_path), *args],
+                    cwd=str(ROOT), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                 "TOKENIZERS_PARALLELISM": "false"})
+            finally:
+                output.close()
+            self._current = _Process(run_id=run_id, popen=popen, run_dir=run_dir)
+            return run_id
+
+    def validate(self, dataset, base_model: str, max_length: int = 512, val_fraction: float = 0.1,
+                 seed: int = 42) -> dict:
+        """The dataset report for an upload, with token statistics from ``base_model``'s tokenizer."""
+        from finetune.data import load_text_processor, validate
+
+        if dataset is None or (isinstance(dataset, str) and not dataset.strip()):
+            raise ValueError("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
+        probe = RunConfig(base_model=base_model, max_length=max_length, val_fraction=val_fraction, seed=seed)
+        probe.validate(self.catalog)
+        folder = self.settings.cache_dir / "validation" / secrets.token_hex(6)
+        self._prune(folder.parent, keep=4)
+        path = prepare_dataset(Path(dataset), folder, max_bytes=max(self.settings.max_upload_mb, 1) * 1024**2 * 20)
+        processor, is_vlm = load_text_processor(base_model, self.settings, self.catalog)
+        report = validate(path, val_fraction, seed, processor=processor, is_vlm=is_vlm, max_length=max_length)
+        if report["format"] == "vqa" and not is_vlm:
+            report["ok"] = False
+            report["problems"].insert(0, {"line": 0, "message": f"{base_model} is a text model but the rows have "
+                                                                "images; choose a VQA model"})
+            report["problem_count"] += 1
+        report["base_model"] = base_model
+        return report
+
+    @staticmethod
+    def _prune(folder: Path, keep: int) -> None:
+        """Drop all but the newest ``keep`` validation folders (their images back the preview)."""
+        import shutil
+
+        if not folder.is_dir():
+            return
+        old = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime)[:-keep or None]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resume(self, run_id: str) -> str:
+        return self.start(None, None, resume_run=run_id)
+
+    def _refuse_if_busy(self) -> None:
+        current = self._current
+        if current is not None and current.popen.poll() is None:
+            raise RunBusyError(f"Run {current.run_id} is still training; stop it or wait for it to finish "
+                               "(one run at a time).")
+        if current is not None:
+            self._reap(current)
+
+    # ---- follow -------------------------------------------------------------------------------
+
+    def _run_dir(self, run_id) -> Path:
+        if not isinstance(run_id, str) or not run_id.strip():
+            raise ValueError("run_id is required (the value /finetune_start returned)")
+        root = self.settings.runs_dir.resolve()
+        run_dir = (root / run_id).resolve()
+        if run_dir.parent != root or not (run_dir / "config.yaml").is_file():
+            raise ValueError(f"Unknown run {run_id!r}")
+        return run_dir
+
+    def status(self, run_id: str) -> dict:
+        """JSON-ready status: state, step, total, loss history, adapter path, last log lines."""
+        run_dir = self._run_dir(run_id)
+        current = self._current
+        exit_code, stop_requested = 0, False
+        if current is not None and current.run_id == run_id:
+            exit_code, stop_requested = current.popen.poll(), current.stop_requested
+            if exit_code is not None:
+                self._reap(current)
+        records = read_log(run_dir / "log.jsonl")
+        orphan = not (current is not None and current.run_id == run_id) and not any(
+            r.get("event") in ("done", "error") for r in records[-3:])
+        summary = summarize(records, 1 if orphan else exit_code, stop_requested)
+        if orphan:
+            summary["message"] = "this run did not finish: the app was restarted while it ran; resume it"
+        summary.update(run_id=run_id, log_tail=tail(run_dir / "process.log"),
+                       command=cli_command(run_dir / "config.yaml"))
+        return summary
+
+    def active_run(self) -> str | None:
+        current = self._current
+        return current.run_id if current is not None and current.popen.poll() is None else None
+
+    # ---- stop ---------------------------------------------------------------------------------
+
+    def stop(self, run_id: str, wait: float = 0.0) -> dict:
+        """Ask the run's process group to stop (SIGTERM): it saves a checkpoint and the adapter, then exits."""
+        self._run_dir(run_id)
+        current = self._current
+        if current is None or current.run_id != run_id or current.popen.poll() is not None:
+            return self.status(run_id)
+        current.stop_requested = True
+        self._signal(current, signal.SIGTERM)
+        if wait:
+            try:
+                current.popen.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.status(run_id)
+
+    def kill(self, run_id: str | None = None) -> None:
+        """End the process group at once (app shutdown, or a run that ignores SIGTERM)."""
+        current = self._current
+        if current is None or (run_id is not None and current.run_id != run_id):
+            return
+        self._signal(current, signal.SIGKILL)
+        current.popen.wait(timeout=30)
+        self._reap(current)
+
+    def close(self) -> None:
+        """Stop a running training gracefully, then kill it if it does not end in time."""
+        current = self._current
+        if current is None or current.popen.poll() is not None:
+            return
+        self.stop(current.run_id, wait=STOP_GRACE_SECONDS)
+        self.kill(current.run_id)
+
+    @staticmethod
+    def _signal(process: _Process, sig: int) -> None:
+        try:
+            os.killpg(process.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self, process: _Process) -> None:
+        """After the leader exits, end anything it left in its group (e.g. data loader workers)."""
+        if process.reaped or process.popen.poll() is None:
+            return
+        process.reaped = True
+        try:
+            os.killpg(process.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

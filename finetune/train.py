@@ -1,0 +1,371 @@
+"""``python -m finetune.train CONFIG.yaml [--resume latest|CHECKPOINT]``: one QLoRA run in its own process.
+
+Works the same from a shell and under ``accelerate launch -m finetune.train CONFIG.yaml``. Writes
+``log.jsonl`` in the run folder (one JSON object per line: start, step, eval, checkpoint, stopping,
+done or error records), catches SIGTERM/SIGINT to stop at the end of the current step with a
+checkpoint, and saves the PEFT adapter, its ``workbench.json`` and a model card into the adapters folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from finetune.config import ALL_LINEAR, RunConfig
+
+# Parts of a multimodal model that stay frozen: only the language model gets LoRA.
+FROZEN_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "visual", "image_newline", "lm_head",
+                "embed_tokens", "audio_tower")
+LOG_NAME = "log.jsonl"
+
+
+class RunLog:
+    """Append-only JSONL log; every record gets a wall-clock ``time``."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, event: str, **fields) -> None:
+        if not self.enabled:
+            return
+        record = {"event": event, "time": time.time(), **fields}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+class GracefulStop:
+    """Turns SIGTERM/SIGINT into a flag that the trainer checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+def target_modules_pattern(model, wanted: str | list[str]) -> str:
+    """A regex over module names: the wanted linear layers of the language model only."""
+    import re
+
+    import torch
+
+    if wanted == ALL_LINEAR:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) and not any(p in name for p in FROZEN_PARTS)})
+    else:
+        leaves = sorted({str(name).strip() for name in wanted})
+    if not leaves:
+        raise ValueError("no linear layer of the language model matches target_modules")
+    frozen = "|".join(FROZEN_PARTS)
+    return rf"^(?!.*(?:{frozen})).*\.(?:{'|'.join(re.escape(leaf) for leaf in leaves)})$"
+
+
+def _settings(config: RunConfig):
+    from models.settings import Settings
+
+    return Settings(cache_dir=Path(config.cache_dir), models_dir=Path(config.models_dir) if config.models_dir else None,
+                    offline=config.offline, offline_reason="the run config says offline" if config.offline else "",
+                    device=config.device)
+
+
+def load_base(config: RunConfig, catalog, settings, device: str):
+    """(model, processor, is_vlm, precision): the base model through the same Auto* classes as the app."""
+    import transformers
+
+    from finetune.data import load_text_processor
+    from models.families import resolve_location
+    from models.quantization import choose, transformers_kwargs
+
+    spec = catalog.get(config.base_model)
+    requested = {"nf4": "nf4", "int8": "int8"}.get(config.quantization, "bf16" if device == "cuda" else "fp32")
+    precision = choose(spec, device, requested)
+    kwargs = transformers_kwargs(precision)
+    if "device_map" in kwargs and device == "cuda":
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per accelerate process
+    location = resolve_location(spec, settings)
+    processor, is_vlm = load_text_processor(config.base_model, settings, catalog)
+    auto = transformers.AutoModelForImageTextToText if is_vlm else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model, processor, is_vlm, precision
+
+
+def add_lora(model, config: RunConfig, precision):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing = {"use_reentrant": False}
+    if precision.is_bnb:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
+                      target_modules=target_modules_pattern(model, config.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+class Collator:
+    """Right-pads ids (pad token) and labels (-100); stacks pixel values when there are images."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        import torch
+
+        width = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            length = len(item["input_ids"])
+            ids[row, :length] = torch.tensor(item["input_ids"])
+            labels[row, :length] = torch.tensor(item["labels"])
+            mask[row, :length] = 1
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+
+
+def make_callbacks(log: RunLog, stopper: GracefulStop):
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        """Writes step/eval/checkpoint records with tokens/s and ETA; turns a stop request into save+stop."""
+
+        def __init__(self):
+            self.first_step_time = None
+            self.first_step = 0
+            self.last_time = None
+            self.last_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            log.write("start", step=state.global_step, total_steps=state.max_steps, epochs=args.num_train_epochs)
+            self.last_time = time.time()
+            self.last_tokens = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            now = time.time()
+            if "loss" in logs:
+                tokens = state.num_input_tokens_seen
+                tokens_per_s = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+                self.last_time, self.last_tokens = now, tokens
+                if self.first_step_time is None:
+                    self.first_step_time, self.first_step = now, state.global_step
+                done = state.global_step - self.first_step
+                eta = (now - self.first_step_time) / done * (state.max_steps - state.global_step) if done else None
+                log.write("step", step=state.global_step, total_steps=state.max_steps, loss=logs["loss"],
+                          learning_rate=logs.get("learning_rate"), epoch=logs.get("epoch"),
+                          grad_norm=logs.get("grad_norm"), tokens_per_s=round(tokens_per_s, 1),
+                          eta_s=None if eta is None else round(eta, 1))
+            if "eval_loss" in logs:
+                log.write("eval", step=state.global_step, eval_loss=logs["eval_loss"])
+
+        def on_save(self, args, state, control, **kwargs):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            log.write("checkpoint", step=state.global_step, path=str(path))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stopper.requested and not control.should_training_stop:
+                log.write("stopping", step=state.global_step, signal=stopper.signal_name)
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return [LogCallback()]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def model_card(config: RunConfig, metrics: dict, spec) -> str:
+    lines = [
+        f"# {config.adapter_name}",
+        "",
+        f"A LoRA adapter for **{config.base_model}** trained with the Multimodal Workbench (QLoRA, "
+        f"{config.quantization} base, peft).",
+        "",
+        f"- base model: `{config.base_model}` ({spec.license})",
+        f"- trained: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- steps: {metrics.get('steps')}, final train loss: {metrics.get('train_loss')}, "
+        f"eval loss: {metrics.get('eval_loss')}",
+        f"- rows: {metrics.get('train_rows')} train / {metrics.get('validation_rows')} validation "
+        f"({metrics.get('format')} format)",
+        f"- LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
+        f"targets={config.target_modules}",
+        f"- learning rate {config.learning_rate}, scheduler {config.scheduler}, batch {config.batch_size} x "
+        f"accumulation {config.grad_accum}, max length {config.max_length}, seed {config.seed}",
+        "",
+        "Load it in the workbench's chat or VQA tab (adapter choice), or with "
+        "`model.load_adapter(folder)` on the base model.",
+    ]
+    if spec.source == "offline":
+        lines += ["", "The base model has random weights (smoke-test model); this adapter is not useful for real work."]
+    return "\n".join(lines) + "\n"
+
+
+def save_adapter(model, processor, config: RunConfig, metrics: dict, spec, adapters_dir: Path) -> Path:
+    """Write the adapter folder atomically: PEFT files, workbench.json, README.md, run config."""
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    target = adapters_dir / config.adapter_name
+    tmp = adapters_dir / f".{config.adapter_name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "workbench.json").write_text(json.dumps({"base_model": config.base_model, **metrics,
+                                                    "config": config.training_dict()}, indent=2))
+    (tmp / "README.md").write_text(model_card(config, metrics, spec), encoding="utf-8")
+    (tmp / "training_config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, resume: str = "") -> dict:
+    """Train; returns the ``done`` record's fields."""
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from finetune.data import encode_all, parse_dataset, prepare_dataset, require_valid, split_examples
+    from models.catalog import Catalog
+    from models.memory import resolve_device
+
+    catalog = Catalog.load()
+    config.validate(catalog)
+    settings = _settings(config)
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+
+    # 1. Data: read and check every row again; the file may have changed since the UI validated it
+    dataset_path = Path(config.dataset)
+    if dataset_path.suffix.lower() == ".zip":
+        dataset_path = prepare_dataset(dataset_path, run_dir / "data")
+    parsed = parse_dataset(dataset_path)
+    require_valid(parsed)
+    train_rows, val_rows = split_examples(parsed.examples, config.val_fraction, config.seed)
+
+    # 2. Model: quantized base, LoRA on the language model's linear layers
+    log.write("loading", base_model=config.base_model, quantization=config.quantization, device=device)
+    model, processor, is_vlm, precision = load_base(config, catalog, settings, device)
+    if stopper.requested:
+        return {"state": "stopped", "adapter": None, "checkpoint": None, "metrics": {"steps": 0}}
+    train_items = encode_all(train_rows, processor, config.max_length, is_vlm)
+    val_items = encode_all(val_rows, processor, config.max_length, is_vlm) if val_rows else []
+    model = add_lora(model, config, precision)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # 3. Trainer
+    evaluate = bool(val_items) and config.eval_steps > 0
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.scheduler,
+        seed=config.seed,
+        logging_steps=1,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=config.eval_steps if evaluate else None,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=config.save_steps if config.save_steps > 0 else 500,
+        save_total_limit=3,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and torch.cuda.is_bf16_supported() and precision.name in ("nf4", "bf16"),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_items, eval_dataset=val_items or None,
+                      data_collator=Collator(pad_id), callbacks=make_callbacks(log, stopper))
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+        if checkpoint is None or not checkpoint.is_dir():
+            raise ValueError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
+        log.write("resuming", checkpoint=str(checkpoint))
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    # 4. Output
+    metrics = {"steps": trainer.state.global_step, "train_loss": round(result.training_loss, 6),
+               "train_rows": len(train_items), "validation_rows": len(val_items), "format": parsed.format,
+               "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2)}
+    if val_items and not stopper.requested:
+        metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
+        log.write("eval", step=trainer.state.global_step, eval_loss=metrics["eval_loss"])
+    state = "stopped" if stopper.requested else "completed"
+    adapter = None
+    if trainer.is_world_process_zero():
+        spec = catalog.get(config.base_model)
+        adapter = save_adapter(model, processor, config, {**metrics, "state": state}, spec,
+                               settings.adapters_dir)
+    last = latest_checkpoint(run_dir)
+    return {"state": state, "adapter": str(adapter) if adapter else None,
+            "checkpoint": str(last) if last else None, "metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="run config YAML (see finetune/config.py)")
+    parser.add_argument("--resume", default="", help="'latest' or a checkpoint folder to resume from")
+    args = parser.parse_args(argv)
+    stopper = GracefulStop()
+    stopper.install()
+    try:
+        config = RunConfig.load(Path(args.config))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_dir = Path(config.run_dir) if config.run_dir else Path(args.config).resolve().parent
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir / LOG_NAME, enabled=int(os.environ.get("RANK", "0")) == 0)
+    log.write("process", pid=os.getpid(), argv=sys.argv, resume=args.resume or config.resume_from)
+    try:
+        done = run(config, run_dir, log, stopper, resume=args.resume or config.resume_from)
+    except MemoryError:
+        log.write("error", message="out of memory (host RAM); lower batch size or max length")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - any failure ends the run; the log tells the UI why
+        message = str(exc) or exc.__class__.__name__
+        if exc.__class__.__name__ == "OutOfMemoryError":
+            message = f"out of GPU memory; lower batch size or max length, or enable gradient checkpointing ({message})"
+        log.write("error", message=message, kind=exc.__class__.__name__)
+        traceback.print_exc()
+        return 1
+    log.write("done", **done)
+    print(json.dumps(done), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
