@@ -88,9 +88,20 @@ def test_upload_limit_comes_from_the_settings(tmp_path):
     class Manager:
         budget = 0
 
-    kwargs = app.launch_kwargs(make_settings(tmp_path, max_upload_mb=7), Manager())
+    settings = make_settings(tmp_path, max_upload_mb=7)
+    kwargs = app.launch_kwargs(settings, Manager())
     assert kwargs["max_file_size"] == "7mb"
-    assert kwargs["allowed_paths"] == []
+    # at most the folder of generated outputs, never the cache, the models or the working directory
+    assert set(kwargs["allowed_paths"]) <= {str(settings.outputs_dir)}
+
+
+def test_cache_files_other_than_outputs_are_not_served(app_server):
+    url, _, settings = app_server
+    secret = settings.adapters_dir / "private-adapter" / "adapter_config.json"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text('{"secret": "adapter"}')
+    response = httpx.get(f"{url}gradio_api/file={secret}", timeout=10)
+    assert response.status_code in (403, 404) and "secret" not in response.text
 
 
 def test_oversize_upload_is_rejected(app_server):
