@@ -94,6 +94,8 @@ def test_stop_mid_answer_leaves_no_thread_and_nothing_pinned(manager, settings, 
     assert stop.is_set()
     assert generate_threads() == []
     assert_nothing_pinned(manager)
+    del seen, turns
+    assert manager.unload_all() == ["tiny-vlm"] and manager.leaks == []  # no thread kept the model alive
 
 
 def test_multi_turn_history_and_system_prompt(manager, settings, picture):
@@ -163,6 +165,7 @@ def test_compare_shows_base_and_adapter_answers_side_by_side(manager, settings, 
     # back to the bare base model after an adapter was active
     assert vqa.answer_once(manager, settings, picture, "What is this?", "tiny-vlm", **GREEDY) == plain
     assert_nothing_pinned(manager)
+    assert manager.unload_all() == ["tiny-vlm"] and manager.leaks == []  # adapters freed with the model
 
 
 def test_compare_without_adapter_and_bad_adapters(manager, settings, picture):
