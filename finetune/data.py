@@ -312,12 +312,9 @@ def _render(processor, messages: list[dict], generation_prompt: bool) -> str:
 
 def _ids(processor, text: str, image, is_vlm: bool) -> tuple[list[int], object]:
     if is_vlm:
-        from PIL import Image
+        from models.images import load_image
 
-        images = None
-        if image is not None:
-            with Image.open(image) as opened:
-                images = [opened.convert("RGB")]
+        images = [load_image(image)[0]] if image is not None else None
         batch = processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
         return batch["input_ids"][0].tolist(), batch.get("pixel_values")
     return processor(text, add_special_tokens=False)["input_ids"], None
