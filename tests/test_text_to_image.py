@@ -1,0 +1,347 @@
+"""Text-to-image: the diffusion family on tiny-sd, PNG recipes, style presets, the tab's functions and /txt2img."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import threading
+
+import pytest
+
+from models import __version__
+from models.pnginfo import RECIPE_FIELDS, make_recipe, read_recipe, save_png
+
+TINY = "tiny-sd"
+
+
+def pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB"))
+
+
+def nothing_pinned(manager) -> bool:
+    return not any(entry["pinned"] for entry in manager.snapshot())
+
+
+def recipe(**overrides) -> dict:
+    values = dict(prompt="a cat 🐱 on a sofa", negative_prompt="blurry", style="none", model=TINY,
+                  scheduler="Euler a", steps=2, guidance=5.0, seed=42, width=64, height=64,
+                  workbench_version=__version__)
+    return make_recipe(**{**values, **overrides})
+
+
+# ---- PNG recipes ---------------------------------------------------------------------------------
+
+def test_png_recipe_round_trip_and_safe_names(tmp_path):
+    from PIL import Image
+
+    stored = recipe(prompt="../../etc/passwd 日本 🐱 " + "x" * 300)
+    path = save_png(Image.new("RGB", (8, 8), "red"), stored, tmp_path / "out")
+    again = save_png(Image.new("RGB", (8, 8), "red"), stored, tmp_path / "out")
+    assert path.parent == tmp_path / "out" and again != path, "a second save must not overwrite the first"
+    assert all(ch.isalnum() or ch in "-." for ch in path.name) and len(path.name) < 100
+    assert read_recipe(path) == stored
+    with Image.open(path) as image:
+        assert "Negative prompt: blurry" in image.text["parameters"]
+
+
+def test_png_info_rejects_foreign_and_damaged_files(tmp_path):
+    from PIL import Image
+
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    with pytest.raises(ValueError, match="no workbench recipe"):
+        read_recipe(plain)
+    good = save_png(Image.new("RGB", (8, 8)), recipe(), tmp_path)
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(ValueError, match="damaged"):
+        read_recipe(damaged)
+    jpeg = tmp_path / "photo.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
+    jpeg.write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match="not a PNG"):
+        read_recipe(jpeg)
+    with pytest.raises(ValueError, match="Cannot open"):
+        read_recipe(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="missing"):
+        make_recipe(prompt="x")
+
+
+# ---- styles --------------------------------------------------------------------------------------
+
+def test_styles_builtin_and_user_overrides(tmp_path, monkeypatch):
+    from models.families.diffusion import STYLES_ENV, apply_style, load_styles
+
+    monkeypatch.delenv(STYLES_ENV, raising=False)
+    builtin = load_styles(tmp_path)
+    assert {"none", "photorealistic", "oil painting", "cartoon", "watercolor", "sketch"} <= set(builtin)
+    prompt, negative = apply_style(builtin, "watercolor", "a fox", "text")
+    assert "a fox" in prompt and prompt != "a fox" and negative.endswith("text")
+    assert apply_style(builtin, "none", "a fox", "") == ("a fox", "")
+
+    (tmp_path / "styles.yaml").write_text("styles:\n  neon: {prompt: 'neon {prompt}', negative: dull}\n")
+    assert apply_style(load_styles(tmp_path), "neon", "cat", "") == ("neon cat", "dull")
+    env_file = tmp_path / "env-styles.yaml"
+    env_file.write_text("styles:\n  retro: {prompt: '{prompt}, 1970s'}\n")
+    monkeypatch.setenv(STYLES_ENV, str(env_file))
+    assert set(load_styles(tmp_path)) == {"retro", "none"}, "the env file wins and 'none' is always there"
+    env_file.write_text("styles:\n  broken: {prompt: 'no placeholder'}\n")
+    with pytest.raises(ValueError, match=r"contains \{prompt\}"):
+        load_styles(tmp_path)
+    with pytest.raises(ValueError, match="Unknown style"):
+        apply_style(builtin, "baroque", "x", "")
+
+
+# ---- request checks (no model loaded) ------------------------------------------------------------
+
+def test_defaults_follow_the_model_variant(catalog):
+    from models.families.diffusion import check_request
+
+    turbo, _ = check_request(catalog.get("stabilityai/sd-turbo"), prompt="x")
+    sdxl, _ = check_request(catalog.get("stabilityai/stable-diffusion-xl-base-1.0"), prompt="x")
+    sdxl_turbo, _ = check_request(catalog.get("stabilityai/sdxl-turbo"), prompt="x")
+    sd15, _ = check_request(catalog.get("stable-diffusion-v1-5/stable-diffusion-v1-5"), prompt="x")
+    assert (turbo.steps, turbo.guidance, turbo.width) == (1, 0.0, 512)
+    assert (sdxl_turbo.steps, sdxl_turbo.guidance) == (1, 0.0)
+    assert (sdxl.width, sdxl.height) == (1024, 1024) and sdxl.steps > 4
+    assert (sd15.width, sd15.guidance) == (512, 7.5)
+    with pytest.raises(ValueError, match="steps must be between 1 and 10"):
+        check_request(catalog.get("stabilityai/sd-turbo"), prompt="x", steps=20)
+
+
+BAD_INPUTS = [
+    ({"width": 100}, "multiple of 8"),
+    ({"height": 36}, "height must be between 64"),
+    ({"width": 4096}, "width must be between 64 and 512"),
+    ({"steps": 0}, "steps must be between 1 and 50"),
+    ({"steps": 51}, "steps must be between 1 and 50"),
+    ({"steps": 2.5}, "whole number"),
+    ({"guidance": -1}, "guidance must be between 0.0"),
+    ({"guidance": math.nan}, "NaN"),
+    ({"guidance": "lots"}, "guidance must be a number"),
+    ({"num_images": 5}, "number of images must be between 1 and 4"),
+    ({"seed": -5}, "seed must be between -1"),
+    ({"scheduler": "Heun++"}, "Unknown scheduler"),
+    ({"style": "baroque"}, "Unknown style"),
+    ({"prompt": "a cat \udcff"}, "not valid UTF-8"),
+    ({"prompt": b"caf\xe9"}, "not valid UTF-8"),
+    ({"negative_prompt": "x" * 5000}, "limit is 4000"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_inputs_are_refused_before_loading(catalog, overrides, message):
+    from models.families.diffusion import check_request, load_styles
+
+    values = {"prompt": "a cat", **overrides}
+    with pytest.raises(ValueError, match=message):
+        check_request(catalog.get(TINY), styles=load_styles(None), **values)
+
+
+def test_budget_and_notices(catalog):
+    from models.families.diffusion import check_request
+
+    spec = catalog.get(TINY)
+    with pytest.raises(ValueError, match="memory budget"):
+        check_request(spec, prompt="x", width=512, height=512, num_images=4, budget_bytes=16 * 1024**2)
+    request, _ = check_request(spec, prompt="x", width=512, height=512, num_images=4, budget_bytes=1024**3)
+    assert request.seeds == [request.seed + i for i in range(4)]
+    request, notices = check_request(spec, prompt="  ", negative_prompt="ugly", guidance=0, seed=-1)
+    assert any("prompt is empty" in n for n in notices) and any("no effect" in n for n in notices)
+    assert 0 <= request.seed < 2**32
+
+
+# ---- the family on tiny-sd -----------------------------------------------------------------------
+
+def test_family_end_to_end_deterministic(manager, catalog):
+    import numpy as np
+
+    from models.families import diffusion
+
+    spec = catalog.get(TINY)
+    request, _ = diffusion.check_request(spec, prompt="a red square", seed=7, steps=2, width=64, height=64)
+    other, _ = diffusion.check_request(spec, prompt="a red square", seed=8, steps=2, width=64, height=64)
+    with manager.use(TINY) as handle:
+        assert type(handle.pipe).__name__ == "StableDiffusionPipeline" and not handle.has_safety_checker
+        first = diffusion.generate(handle, request)
+        second = diffusion.generate(handle, request)
+        third = diffusion.generate(handle, other)
+        long_prompt = diffusion.generate(handle, diffusion.check_request(spec, prompt="word " * 30, seed=1,
+                                                                         steps=1)[0])
+    assert first.images[0].size == (64, 64) and first.steps_done == 2 and first.attention_backend == "SDPA"
+    assert np.array_equal(np.array(first.images[0]), np.array(second.images[0])), "same seed, same pixels"
+    assert not np.array_equal(np.array(first.images[0]), np.array(third.images[0]))
+    assert np.array(first.images[0]).std() > 1, "random weights still draw something, not a blank"
+    assert any("this part was cut" in n and "word" in n for n in long_prompt.notices)
+    assert nothing_pinned(manager)
+
+
+def test_every_scheduler_and_memory_option_runs(manager, catalog):
+    import numpy as np
+
+    from models.families import diffusion
+
+    spec = catalog.get(TINY)
+    with manager.use(TINY) as handle:
+        for name in diffusion.SCHEDULERS:
+            request, _ = diffusion.check_request(spec, prompt="x", seed=3, steps=2, scheduler=name)
+            assert diffusion.generate(handle, request).images
+            class_name = diffusion.SCHEDULERS[name][0]
+            assert class_name is None or type(handle.pipe.scheduler).__name__ == class_name
+        plain_request, _ = diffusion.check_request(spec, prompt="x", seed=3, steps=2, width=128, height=128)
+        plain = np.array(diffusion.generate(handle, plain_request).images[0], dtype=int)
+        optioned, _ = diffusion.check_request(spec, prompt="x", seed=3, steps=2, width=128, height=128,
+                                              attention_slicing=True, vae_tiling=True, cpu_offload=True)
+        result = diffusion.generate(handle, optioned)
+        assert handle.attention_slicing and handle.vae_tiling and not handle.offloaded
+        assert result.attention_backend == "SDPA + attention slicing"
+        assert any("only applies on CUDA" in n for n in result.notices)
+        # slicing and tiling change how, not what, is computed (tiles are blended at the seams)
+        assert np.abs(np.array(result.images[0], dtype=int) - plain).mean() < 8
+        back = diffusion.generate(handle, plain_request)
+        assert not handle.attention_slicing and not handle.vae_tiling
+        assert np.array_equal(np.array(back.images[0], dtype=int), plain), "options switch back off cleanly"
+
+
+# ---- the tab's plain functions -------------------------------------------------------------------
+
+def test_txt2img_saves_pngs_that_reproduce(manager, settings):
+    from tabs.text_to_image import png_info, recipe_controls, txt2img
+
+    gallery, info = txt2img(manager, settings, "a lighthouse 🌊", "fog", "watercolor", TINY, 64, 64, 2, 6.5, -1, 2,
+                            "DPM++ 2M Karras")
+    assert len(gallery) == 2 and info["seeds"] == [info["seed"], info["seed"] + 1]
+    assert info["steps_done"] == 4 and info["safety_checker"].startswith("none")
+    stored = png_info(gallery[1][0])
+    assert {k: stored[k] for k in RECIPE_FIELDS} == {
+        "prompt": "a lighthouse 🌊", "negative_prompt": "fog", "style": "watercolor", "model": TINY,
+        "scheduler": "DPM++ 2M Karras", "steps": 2, "guidance": 6.5, "seed": info["seed"] + 1, "width": 64,
+        "height": 64, "workbench_version": __version__}
+    first = png_info(gallery[0][0])
+    values, notices = recipe_controls(manager, first)
+    assert values["num_images"] == 1 and not notices
+    again, _ = txt2img(manager, settings, values["prompt"], values["negative_prompt"], values["style"],
+                       values["model"], values["width"], values["height"], values["steps"], values["guidance"],
+                       values["seed"], values["num_images"], values["scheduler"])
+    assert (pixels(again[0][0]) == pixels(gallery[0][0])).all(), "the PNG's recipe re-makes the same pixels"
+    assert nothing_pinned(manager)
+
+
+def test_stop_interrupts_at_the_next_step_and_unpins(manager, settings):
+    from tabs.text_to_image import txt2img
+
+    stop = threading.Event()
+    seen = []
+
+    def on_step(done, total):
+        seen.append(done)
+        if done == 1:
+            stop.set()
+
+    gallery, info = txt2img(manager, settings, "x", model=TINY, steps=10, seed=1, stop=stop, on_step=on_step)
+    assert info["stopped"] and info["steps_done"] == 1 and seen == [1]
+    assert gallery == [] and any("Stopped after 1 of 10 steps; kept 0" in n for n in info["notices"])
+    assert nothing_pinned(manager)
+    stop.clear()
+    gallery, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=1, stop=stop)
+    assert len(gallery) == 1 and not info["stopped"], "the model keeps serving after a stop"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"model": "no/such-model"}, "Unknown model"),
+    ({"model": "tiny-chat"}, "not a text-to-image model"),
+    ({"precision": "nf4"}, "needs CUDA"),
+    ({"precision": "int3"}, "Unknown precision"),
+    ({"width": 4096}, "width must be between"),
+])
+def test_txt2img_bad_input_leaves_nothing_pinned(manager, settings, kwargs, message):
+    from tabs.text_to_image import txt2img
+
+    with pytest.raises(ValueError, match=message):
+        txt2img(manager, settings, "x", **{"model": TINY, **kwargs})
+    assert nothing_pinned(manager)
+
+
+# ---- the launched app ----------------------------------------------------------------------------
+
+def test_txt2img_endpoint(client, app_server):
+    _, manager, settings = app_server
+    gallery, info = client.predict(prompt="a red boat", negative_prompt="", style="sketch", model=TINY, width=64,
+                                   height=64, steps=2, guidance=5.0, seed=1234, num_images=1, api_name="/txt2img")
+    info = info if isinstance(info, dict) else json.loads(info)
+    assert info["seed"] == 1234 and info["model"] == TINY and len(gallery) == 1
+    served = gallery[0]["image"]
+    assert pixels(served).shape == (64, 64, 3)
+    recipe_back = read_recipe(served)
+    assert recipe_back["seed"] == 1234 and recipe_back["style"] == "sketch", "the served file keeps its recipe"
+    assert nothing_pinned(manager)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"width": 100}, "multiple of 8"),
+    ({"width": 40}, "less than minimum value 64"),  # Gradio's own slider check, before ours
+    ({"width": 1024}, "width must be between 64 and 512 for tiny-sd"),
+    ({"steps": 0}, "less than minimum value 1"),
+    ({"steps": 70}, "steps must be between 1 and 50 for tiny-sd"),
+    ({"guidance": -2}, "less than minimum value 0"),
+    ({"num_images": 9}, "greater than maximum value 4"),
+    ({"prompt": "x" * 5000}, "limit is 4000"),
+    ({"scheduler": "Warp drive"}, "Warp drive is not in the list of choices"),  # Gradio's dropdown check
+    ({"model": "nope"}, "nope is not in the list of choices"),
+])
+def test_txt2img_endpoint_bad_input(client, app_server, overrides, message):
+    from gradio_client.exceptions import AppError
+
+    values = dict(prompt="x", negative_prompt="", style="none", model=TINY, width=64, height=64, steps=2,
+                  guidance=5.0, seed=1, num_images=1)
+    with pytest.raises(AppError, match=message):
+        client.predict(**{**values, **overrides}, api_name="/txt2img")
+    assert nothing_pinned(app_server[1])
+
+
+def test_png_info_endpoint(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    made = save_png(Image.new("RGB", (8, 8)), recipe(seed=99), tmp_path)
+    assert client.predict(handle_file(str(made)), api_name="/png_info")["seed"] == 99
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    with pytest.raises(AppError, match="no workbench recipe"):
+        client.predict(handle_file(str(plain)), api_name="/png_info")
+
+
+# ---- CUDA only ---------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_fp16_nf4_offload_and_release(tmp_path):
+    import torch
+    from conftest import make_settings
+
+    from models.catalog import Catalog
+    from models.manager import ModelManager
+    from tabs.text_to_image import txt2img
+
+    settings = make_settings(tmp_path, device="cuda")
+    manager = ModelManager(Catalog.load(), settings)
+    baseline = torch.cuda.memory_allocated()
+    _, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=5)
+    assert info["precision"] == "fp16" and info["device"] == "cuda" and info["attention_backend"] in ("SDPA",
+                                                                                                      "xformers")
+    _, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=5, cpu_offload=True)
+    with manager.use(TINY) as handle:
+        assert handle.offloaded and handle.pipe._all_hooks
+    manager.unload_all()
+    assert torch.cuda.memory_allocated() - baseline < 8 * 1024**2 and not manager.leaks
+    _, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=5, precision="nf4")
+    with manager.use(TINY, "nf4") as handle:
+        assert any("4bit" in type(m).__name__ for m in handle.pipe.unet.modules())
+    manager.unload_all()
+    assert not manager.leaks
