@@ -37,7 +37,8 @@ def launch_kwargs(settings, manager) -> dict:
         "share": settings.share,
         "auth": [settings.auth] if settings.auth else None,
         "max_file_size": f"{settings.max_upload_mb}mb",
-        "allowed_paths": [],
+        # generated images are served from outputs_dir as saved, so their PNG recipe chunks survive
+        "allowed_paths": [str(settings.outputs_dir)],
         "show_error": True,
         "theme": THEME,
         "css": CSS,
