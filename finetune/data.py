@@ -159,7 +159,7 @@ def check_image(value: str, folder: Path) -> tuple[Path | None, str]:
     if root not in path.parents:
         return None, f"image path {value!r} escapes the dataset folder"
     if not path.is_file():
-        return None, f"image {value!r} is missing"
+        return None, f"image {value!r} is missing (upload a .zip holding the JSONL and its images)"
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -257,7 +257,8 @@ def parse_dataset(path: Path) -> ParsedDataset:
         if dataset_format is None:
             dataset_format, format_line = fmt, number
         elif fmt != dataset_format:
-            problems.append(Problem(number, f"{fmt} row in a {dataset_format} dataset (line {format_line} "
+            article = "an" if dataset_format[0] in "aeiou" else "a"
+            problems.append(Problem(number, f"{fmt} row in {article} {dataset_format} dataset (line {format_line} "
                                             "set the format); formats cannot be mixed in one file"))
             continue
         digest = hashlib.sha1(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

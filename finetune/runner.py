@@ -22,7 +22,7 @@ from finetune.config import RunConfig, cli_command, parse_config
 from finetune.data import DatasetError, parse_dataset, prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-ACTIVE_STATES = ("starting", "running", "stopping")
+ACTIVE_STATES = ("starting", "running", "stopping", "finishing")
 LOG_TAIL_LINES = 12
 STOP_GRACE_SECONDS = 60
 
@@ -91,7 +91,9 @@ def summarize(records: list[dict], exit_code: int | None, stop_requested: bool =
         elif event == "process":
             done = error = None  # a resumed run starts a new process in the same folder
     last = steps[max(steps)] if steps else {}
-    if done is not None:
+    if exit_code is None and (done is not None or error is not None):
+        state = "finishing"  # the outcome is logged; the process is still writing files and exiting
+    elif done is not None:
         state = done["state"]
     elif error is not None:
         state = "failed"

@@ -1,0 +1,72 @@
+"""The fine-tuning endpoints through gradio_client on the session app: validate, start, status, stop."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from gradio_client import handle_file
+
+ROWS = [{"prompt": "What is the capital of France?", "response": "Paris."},
+        {"prompt": "Say hello.", "response": "Hello!"},
+        {"prompt": "Name a color.", "response": "Blue."}]
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_validate_reports_broken_lines(client, tmp_path):
+    broken = write_jsonl(tmp_path / "broken.jsonl", [ROWS[0], '{"prompt": ', {"prompt": "x", "response": 3},
+                                                      ROWS[0], {"messages": []}])
+    report = client.predict(handle_file(str(broken)), "tiny-chat", 256, api_name="/finetune_validate")
+    assert report["ok"] is False and report["valid_rows"] == 1
+    assert [(p["line"], p["message"].split(" (")[0]) for p in report["problems"]] == [
+        (2, "invalid JSON"), (3, "field 'response' must be a string, got int"), (4, "duplicate of line 1"),
+        (5, "chat row in an instruction dataset")]
+
+
+def test_validate_good_dataset_has_token_stats_and_preview(client, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS)
+    report = client.predict(handle_file(str(good)), "tiny-chat", 256, api_name="/finetune_validate")
+    assert report["ok"] and report["format"] == "instruction" and report["valid_rows"] == 3
+    assert report["tokens"]["max"] >= report["tokens"]["min"] > 0 and report["tokens"]["truncated_rows"] == 0
+    assert report["preview"][0] == {"line": 1, "prompt": ROWS[0]["prompt"], "answer": "Paris.", "image": None}
+    assert report["split"] == {"train": 2, "validation": 1, "seed": 42, "val_fraction": 0.1}
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"lora_r": 0}, "lora_r"),
+    ("learning_rate: .nan", "NaN"),
+    ({"batch_size": 0}, "batch_size"),
+    ('{"base_model": "nope"}', "Unknown model"),
+    ({"max_length": 9}, "below the prompt"),
+])
+def test_start_refuses_bad_configs(client, tmp_path, config, words):
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS)
+    with pytest.raises(Exception, match=words):
+        client.predict(handle_file(str(good)), config, api_name="/finetune_start")
+
+
+def test_start_follow_and_adapter_listed(client, app_server, tmp_path):
+    from tabs.common import adapter_choices
+
+    settings = app_server[2]
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS)
+    config = "base_model: tiny-chat\nadapter_name: api-run\nmax_steps: 3\nbatch_size: 2\nlearning_rate: 0.01\n" \
+             "gradient_checkpointing: false\nval_fraction: 0\n"
+    run_id = client.predict(handle_file(str(good)), config, api_name="/finetune_start")
+    deadline = time.time() + 150
+    while True:
+        status = client.predict(run_id, api_name="/finetune_status")
+        if status["state"] in ("completed", "failed") or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert status["state"] == "completed", status
+    assert status["step"] == status["total"] == 3 and len(status["loss_history"]) == 3
+    assert status["adapter"].endswith("api-run") and "api-run" in adapter_choices(settings)
+    assert client.predict(run_id, api_name="/finetune_stop")["state"] == "completed"  # nothing left to stop
+    with pytest.raises(Exception, match="Unknown run"):
+        client.predict("../../etc", api_name="/finetune_status")
