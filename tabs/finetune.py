@@ -30,6 +30,15 @@ def upload_path(dataset) -> str | None:
     return getattr(dataset, "path", dataset)
 
 
+def preview_image(path: str):
+    """A small in-memory copy, so the gallery works wherever the cache folder lives."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((256, 256))
+        return image.convert("RGB")
+
+
 def form_to_config(*values) -> RunConfig:
     raw = dict(zip(FORM_FIELDS, values, strict=True))
     targets = str(raw["target_modules"] or "").strip()
@@ -151,8 +160,10 @@ def build(manager, settings) -> None:
                                       interactive=True, elem_id="ft-config")
                 with gr.Row():
                     config_file = gr.File(label="Load YAML", file_types=[".yaml", ".yml"], height=80)
-                    download = gr.DownloadButton("Save YAML")
-                    show_command = gr.Button("Show command")
+                    with gr.Column():
+                        save_btn = gr.Button("Save YAML")
+                        show_command = gr.Button("Show command")
+                    saved_file = gr.File(label="Saved config", interactive=False, height=80)
                 command = gr.Code(label="Equivalent command line", language="shell", visible=False)
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="ft-start")
@@ -176,7 +187,7 @@ def build(manager, settings) -> None:
         result = runner.validate(upload_path(upload), model_id, check_number("max length", length, 8, 131072, True),
                                  check_number("validation fraction", fraction, 0, 0.5),
                                  check_number("seed", seed_value, 0, 2**32 - 1, True))
-        images = [row["image"] for row in result["preview"] if row["image"]]
+        images = [(preview_image(row["image"]), f"line {row['line']}") for row in result["preview"] if row["image"]]
         table = [[row["line"], row["prompt"], row["answer"]] for row in result["preview"]]
         return result, gr.update(value=images, visible=bool(images)), table
 
@@ -240,7 +251,7 @@ def build(manager, settings) -> None:
     apply_preset.click(user_errors(preset_applied), inputs=[preset, *form], outputs=form, api_visibility="private")
     config_file.upload(user_errors(yaml_loaded), inputs=config_file, outputs=[*form, config_text],
                        api_visibility="private")
-    download.click(user_errors(yaml_saved), inputs=config_text, outputs=download, api_visibility="private")
+    save_btn.click(user_errors(yaml_saved), inputs=config_text, outputs=saved_file, api_visibility="private")
     show_command.click(user_errors(command_shown), inputs=config_text, outputs=command, api_visibility="private")
     start_btn.click(user_errors(start_ui), inputs=[dataset, config_text], outputs=[run_id, *run_outputs],
                     api_visibility="private")
