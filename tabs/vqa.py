@@ -179,9 +179,9 @@ def build(manager, settings) -> None:
             with gr.Accordion("Generation settings", open=False):
                 system_prompt = gr.Textbox(label="System prompt (optional)", lines=2)
                 max_new_tokens = gr.Slider(1, UI_MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=1,
-                                           label="Max new tokens")
+                                           label="Max new tokens", elem_id="vqa-max-new-tokens")
                 temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05,
-                                        label="Temperature (0 = greedy)")
+                                        label="Temperature (0 = greedy)", elem_id="vqa-temperature")
                 top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p")
         with gr.Column(scale=3):
             with gr.Row():
@@ -238,7 +238,8 @@ def build(manager, settings) -> None:
                               system_prompt, adapter, compare],
                       outputs=[chat, base_chat, history, base_history, notices], api_visibility="private",
                       **GPU_QUEUE)
-    ask_event.then(lambda: "", outputs=question, api_visibility="private", queue=False)
+    ask_event.then(lambda mid: ("", precision_line(manager, settings, mid)), inputs=model,
+                   outputs=[question, precision], api_visibility="private", queue=False)
     stop.click(None, cancels=[ask_event], api_visibility="private", queue=False)
     image.change(new_conversation, outputs=[chat, base_chat, history, base_history, notices],
                  api_visibility="private", queue=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 
 import pytest
@@ -133,12 +134,19 @@ def test_long_history_is_trimmed_with_a_notice(manager, settings, picture):
 
 
 def test_question_longer_than_the_context_is_rejected(manager, settings, picture):
-    long_question = "Describe the picture in detail please. " * 60
-    with pytest.raises(ValueError, match=r"tokens; tiny-vlm accepts \d+"):
+    long_question = "Describe the picture in detail please. " * 100
+    with pytest.raises(ValueError, match=r"take \d+ tokens; tiny-vlm reads at most 512 tokens"):
         vqa.answer_once(manager, settings, picture, long_question, "tiny-vlm", **GREEDY)
     with pytest.raises(ValueError, match="limit is"):
         vqa.answer_once(manager, settings, picture, "x" * (vqa.MAX_QUESTION_CHARS + 1), "tiny-vlm", **GREEDY)
     assert_nothing_pinned(manager)
+
+
+def test_max_new_tokens_beyond_the_context_is_lowered_with_a_notice(manager, settings, picture):
+    history, _, notices = list(vqa.chat_turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 1000,
+                                             0.0, 1.0, "", "none", False))[-1]
+    assert any("Max new tokens lowered to" in note for note in notices)
+    assert history[-1]["role"] == "assistant"
 
 
 def test_large_image_fits_the_model_limit(manager, settings, tmp_path):
@@ -308,3 +316,46 @@ def test_smolvlm_4bit_answers_about_a_generated_image_and_saves_vram(tmp_path):
           f"ratio 4-bit/fp16: {ratio:.2f}; answers {answers}")
     assert "red" in answers["nf4"].lower()
     assert ratio < 0.8
+
+
+# ---- in a real browser ----------------------------------------------------------------------------
+
+@pytest.mark.browser
+def test_browser_example_ask_stream_and_stop(app_server):
+    """Click an example, ask, watch the answer stream, press Stop: the model is released."""
+    import time
+
+    from playwright.sync_api import expect, sync_playwright
+
+    url, server_manager, _ = app_server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.get_by_text("What color is the square?").first.click()
+            expect(page.locator("#vqa-question textarea")).to_have_value("What color is the square?")
+            expect(page.locator("#vqa-image img")).to_be_visible()
+            page.get_by_text("Generation settings").click()
+            for elem_id, value in (("vqa-max-new-tokens", "1024"), ("vqa-temperature", "1")):
+                box = page.locator(f"#{elem_id} input[type=number]")
+                box.fill(value)
+                box.press("Enter")
+            page.locator("#vqa-ask").click()
+            try:
+                expect(page.locator("#vqa-chat .bot").first).to_contain_text(re.compile(r"\S"), timeout=60_000)
+            except AssertionError:
+                page.screenshot(path="/tmp/vqa-fail.png", full_page=True)
+                print("TOASTS", page.locator(".toast-body").all_inner_texts())
+                raise
+            page.locator("#vqa-stop").click()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and (generate_threads() or any(
+                    entry["pinned"] for entry in server_manager.snapshot())):
+                time.sleep(0.1)
+            assert generate_threads() == []
+            assert all(not entry["pinned"] for entry in server_manager.snapshot())
+            expect(page.locator("#vqa-chat .user").first).to_contain_text("What color is the square?")
+        finally:
+            browser.close()

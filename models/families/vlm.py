@@ -153,17 +153,20 @@ def build_messages(question: str, history: list[dict], system_prompt: str = "") 
 
 
 def encode(handle: VLMHandle, image, question: str, params: GenerationParams, history: list[dict] | None = None,
-           system_prompt: str = "") -> tuple[dict, list[str]]:
+           system_prompt: str = "") -> tuple[dict, list[str], GenerationParams]:
     """Processor inputs for one question; drops the oldest follow-up turns when the context is full.
 
-    Returns the inputs (on the model's device, pixels in the model's dtype) and notices for the user.
+    Returns the inputs (on the model's device, pixels in the model's dtype), notices for the user,
+    and the sampling settings, with max_new_tokens lowered if the answer would overflow the context.
     """
     question = check_question(question)
     history = check_history(history)
     image, notices = fit_image(image, handle.max_image_pixels)
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise ValueError("system_prompt must be text")
-    budget = handle.context_length - params.max_new_tokens
+    context = handle.context_length
+    # Room kept for the answer while trimming history; a huge max_new_tokens must not drop everything.
+    budget = max(context - params.max_new_tokens, context // 2)
     # Keep the first exchange (it carries the image); drop follow-ups from the oldest.
     keep_head = 2 if len(history) >= 2 else len(history)
     tail = history[keep_head:]
@@ -176,11 +179,13 @@ def encode(handle: VLMHandle, image, question: str, params: GenerationParams, hi
             break
         tail = tail[2:]
     if len(tail) < len(history) - keep_head:
-        notices.append(f"Earlier turns were left out to fit the {handle.context_length}-token context.")
-    if length > budget:
-        raise ValueError(f"The question and image take {length} tokens; {handle.spec_id} accepts {budget} with "
-                         f"max_new_tokens={params.max_new_tokens}. Shorten the question, lower max new tokens, "
-                         "or start a new conversation.")
+        notices.append(f"Earlier turns were left out to fit the {context}-token context.")
+    if length >= context:
+        raise ValueError(f"The question and image take {length} tokens; {handle.spec_id} reads at most {context} "
+                         "tokens, answer included. Shorten the question or start a new conversation.")
+    if length + params.max_new_tokens > context:
+        params = dataclasses.replace(params, max_new_tokens=context - length)
+        notices.append(f"Max new tokens lowered to {params.max_new_tokens} to fit the {context}-token context.")
     model = handle.model
     dtype = getattr(model, "dtype", None)
     moved = {}
@@ -190,7 +195,7 @@ def encode(handle: VLMHandle, image, question: str, params: GenerationParams, hi
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
         moved[key] = value
-    return moved, notices
+    return moved, notices, params
 
 
 def fit_image(image, max_pixels: int) -> tuple[object, list[str]]:
@@ -237,7 +242,7 @@ def answer(handle: VLMHandle, image, question: str, params: GenerationParams, hi
         raise RuntimeError(f"{handle.spec_id} is busy answering another request; try again shortly.")
     try:
         set_adapter(handle, adapter_folder)
-        inputs, encode_notices = encode(handle, image, question, params, history, system_prompt)
+        inputs, encode_notices, params = encode(handle, image, question, params, history, system_prompt)
         if notices is not None:
             notices.extend(encode_notices)
         yield from stream_generate(handle.model, handle.processor, inputs, params, stop=stop, stats=stats)
@@ -254,7 +259,7 @@ def answer_text(handle: VLMHandle, image, question: str, params: GenerationParam
         raise RuntimeError(f"{handle.spec_id} is busy answering another request; try again shortly.")
     try:
         set_adapter(handle, adapter_folder)
-        inputs, _ = encode(handle, image, question, params, history, system_prompt)
+        inputs, _, params = encode(handle, image, question, params, history, system_prompt)
         tokenizer = handle.tokenizer
         with torch.inference_mode():
             output = handle.model.generate(**inputs, **params.generate_kwargs(),
