@@ -208,19 +208,17 @@ def draw_example(name: str):
             draw.ellipse((104, top, 152, top + 48), fill=color)
     elif name == "sign.png":
         draw.rectangle((28, 88, 228, 168), fill=(200, 20, 20))
-        draw.text((98, 116), "STOP", fill="white", font_size=32) if _has_font_size() else \
-            draw.text((112, 122), "STOP", fill="white")
+        draw.text((128, 128), "STOP", fill="white", font=_example_font(44), anchor="mm")
     else:
         raise ValueError(f"unknown example image {name!r}; known: {', '.join(n for n, _ in EXAMPLES)}")
     return image
 
 
-def _has_font_size() -> bool:
-    import inspect
+def _example_font(size: int):
+    """Pillow's bundled scalable font (wheels ship FreeType); the small bitmap font otherwise."""
+    from PIL import ImageFont, features
 
-    from PIL import ImageDraw
-
-    return "font_size" in inspect.signature(ImageDraw.ImageDraw.text).parameters
+    return ImageFont.load_default(size=size) if features.check("freetype2") else ImageFont.load_default()
 
 
 def ensure_examples(folder: Path) -> list[tuple[str, str]]:
