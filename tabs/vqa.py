@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from tabs.common import GPU_QUEUE, adapter_choices, check_number, default_model, gpu, model_choices, user_errors
+from tabs.common import GPU_QUEUE, check_number, default_model, gpu, model_choices, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,13 @@ def open_image(image_path):
     if image_path is None or image_path == "":
         raise ValueError("Upload, paste or capture an image first.")
     return load_image(image_path)
+
+
+def adapters_for(settings, model: str) -> list[str]:
+    """'none' plus the saved adapters trained on ``model`` (or with no recorded base)."""
+    from models.adapters import list_adapters
+
+    return [NONE] + list_adapters(settings.adapters_dir, base_model=model)
 
 
 def adapter_folder(settings, adapter, model: str):
@@ -171,7 +178,7 @@ def build(manager, settings) -> None:
                                 elem_id="vqa-model")
             precision = gr.Markdown(precision_line(manager, settings, model_default), elem_id="vqa-precision")
             with gr.Row():
-                adapter = gr.Dropdown(choices=adapter_choices(settings), value=NONE, label="Adapter (LoRA)",
+                adapter = gr.Dropdown(choices=adapters_for(settings, model_default), value=NONE, label="Adapter (LoRA)",
                                       scale=4, elem_id="vqa-adapter")
                 refresh_adapters = gr.Button("↻", scale=1, min_width=40, elem_id="vqa-refresh-adapters")
             compare = gr.Checkbox(False, label="Compare: show base and adapter answers side by side",
@@ -245,11 +252,16 @@ def build(manager, settings) -> None:
                  api_visibility="private", queue=False)
     clear.click(new_conversation, outputs=[chat, base_chat, history, base_history, notices],
                 api_visibility="private", queue=False)
-    model.change(lambda mid: precision_line(manager, settings, mid), inputs=model, outputs=precision,
-                 api_visibility="private", queue=False)
+    def on_model(mid, adapter_name):
+        names = adapters_for(settings, mid)
+        return precision_line(manager, settings, mid), gr.update(
+            choices=names, value=adapter_name if adapter_name in names else NONE)
+
+    model.change(on_model, inputs=[model, adapter], outputs=[precision, adapter], api_visibility="private",
+                 queue=False)
     compare.change(on_compare, inputs=[compare, adapter], outputs=[base_chat, chat], api_visibility="private",
                    queue=False)
     adapter.change(on_compare, inputs=[compare, adapter], outputs=[base_chat, chat], api_visibility="private",
                    queue=False)
-    refresh_adapters.click(lambda: gr.update(choices=adapter_choices(settings)), outputs=adapter,
+    refresh_adapters.click(lambda mid: gr.update(choices=adapters_for(settings, mid)), inputs=model, outputs=adapter,
                            api_visibility="private", queue=False)

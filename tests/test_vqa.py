@@ -162,7 +162,8 @@ def test_large_image_fits_the_model_limit(manager, settings, tmp_path):
 
 def test_compare_shows_base_and_adapter_answers_side_by_side(manager, settings, picture):
     make_adapter(manager, settings)
-    assert "shapes-lora" in vqa.adapter_choices(settings)
+    assert vqa.adapters_for(settings, "tiny-vlm") == ["none", "shapes-lora"]
+    assert vqa.adapters_for(settings, "HuggingFaceTB/SmolVLM-256M-Instruct") == ["none"]
     plain = vqa.answer_once(manager, settings, picture, "What is this?", "tiny-vlm", **GREEDY)
     adapted_once = vqa.answer_once(manager, settings, picture, "What is this?", "tiny-vlm", adapter="shapes-lora",
                                    **GREEDY)
