@@ -169,10 +169,12 @@ def transcribe(handle: AsrHandle, samples, language: str | None = AUTO, task: st
         output = handle.pipeline({"raw": chunk, "sampling_rate": SAMPLE_RATE}, return_timestamps=return_timestamps,
                                  generate_kwargs=dict(generate_kwargs))
         texts.append(output["text"].strip())
+        chunk_end = offset + len(chunk) / SAMPLE_RATE
         for part in output.get("chunks", []) if return_timestamps else []:
             start, end = part["timestamp"]
-            start = offset + (start or 0.0)
-            end = offset + end if end is not None else min(offset + CHUNK_SECONDS, len(samples) / SAMPLE_RATE)
+            # Whisper may place the last timestamp past a short final chunk, or leave it open (None)
+            start = min(offset + (start or 0.0), chunk_end)
+            end = chunk_end if end is None else min(max(offset + end, start), chunk_end)
             segments.append((round(start, 2), round(end, 2), part["text"].strip()))
     if progress is not None:
         progress(1.0, "transcribed")
