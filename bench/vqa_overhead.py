@@ -92,7 +92,7 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - started)
     median = {name: statistics.median(values) for name, values in times.items()}
-    print(f"tiny-vlm, {args.tokens} new tokens, greedy, {args.reps} reps, median seconds: "
+    print(f"tiny-vlm, {args.tokens} new tokens, greedy, {args.reps} reps, medians: "
           + ", ".join(f"{name} {value * 1000:.1f} ms" for name, value in median.items()))
     print(f"streaming ratio (UI path / direct): {median['streaming'] / median['direct']:.2f}")
     print(f"overhead ratio (/vqa function / direct): {median['workbench'] / median['direct']:.2f}")
