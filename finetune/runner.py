@@ -162,7 +162,7 @@ class TrainingRunner:
         config = dataclasses.replace(
             config, dataset=str(data_path), run_dir=str(run_dir), cache_dir=str(self.settings.cache_dir),
             models_dir=str(self.settings.offline_models_dir), offline=self.settings.offline,
-            device=self.settings.device)
+            device=self.settings.device, resume_from="")  # resuming is only offered for this app's own runs
         config.save(run_dir / "config.yaml")
         return config, run_id, run_dir
 

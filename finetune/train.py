@@ -160,7 +160,8 @@ def make_callbacks(log: RunLog, stopper: GracefulStop):
             self.last_tokens = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            log.write("start", step=state.global_step, total_steps=state.max_steps, epochs=args.num_train_epochs)
+            log.write("start", step=state.global_step, total_steps=state.max_steps, epochs=args.num_train_epochs,
+                      rss_mb=current_rss_mb())
             self.last_time = time.time()
             self.last_tokens = state.num_input_tokens_seen
 
@@ -176,6 +177,7 @@ def make_callbacks(log: RunLog, stopper: GracefulStop):
                 done = state.global_step - self.first_step
                 eta = (now - self.first_step_time) / done * (state.max_steps - state.global_step) if done else None
                 log.write("step", step=state.global_step, total_steps=state.max_steps, loss=logs["loss"],
+                          rss_mb=current_rss_mb(),
                           learning_rate=logs.get("learning_rate"), epoch=logs.get("epoch"),
                           grad_norm=logs.get("grad_norm"), tokens_per_s=round(tokens_per_s, 1),
                           eta_s=None if eta is None else round(eta, 1))
@@ -194,6 +196,15 @@ def make_callbacks(log: RunLog, stopper: GracefulStop):
             return control
 
     return [LogCallback()]
+
+
+def current_rss_mb() -> float | None:
+    """Resident memory of this process now (Linux), in MB."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return round(int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**2, 1)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -275,6 +286,9 @@ def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, re
     train_items = encode_all(train_rows, processor, config.max_length, is_vlm)
     val_items = encode_all(val_rows, processor, config.max_length, is_vlm) if val_rows else []
     model = add_lora(model, config, precision)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.write("model", weights_mb=round(model.get_memory_footprint() / 1024**2, 2), rss_mb=current_rss_mb(),
+              trainable_params=trainable, all_params=total, precision=precision.name)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -6,6 +6,9 @@ module only turns widget values into plain values and back.
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
+
 import gradio as gr
 
 from finetune.config import PRESETS, QUANTIZATIONS, SCHEDULERS, RunConfig, cli_command, parse_config, with_preset
@@ -22,12 +25,23 @@ FORM_FIELDS = ("base_model", "adapter_name", "quantization", "lora_r", "lora_alp
 
 
 def upload_path(dataset) -> str | None:
-    """A server path from what the UI or the API sends (a path, a FileData dict or object)."""
+    """A server path from what the UI or the API sends (a path, a FileData dict or object).
+
+    Only files that were uploaded to Gradio are accepted: an API caller cannot name other server files.
+    """
+    from pathlib import Path
+
+    from gradio.utils import get_upload_folder
+
     if dataset is None:
         return None
-    if isinstance(dataset, dict):
-        return dataset.get("path")
-    return getattr(dataset, "path", dataset)
+    path = dataset.get("path") if isinstance(dataset, dict) else getattr(dataset, "path", dataset)
+    if not isinstance(path, str) or not path:
+        raise ValueError("dataset must be an uploaded .jsonl or .zip file")
+    uploads = Path(get_upload_folder()).resolve()
+    if uploads not in Path(path).resolve().parents:
+        raise ValueError("dataset must be a file uploaded to this app (use handle_file(...) with gradio_client)")
+    return path
 
 
 def preview_image(path: str):
@@ -104,6 +118,7 @@ def status_message(status: dict) -> str:
 
 def build(manager, settings) -> None:
     runner = TrainingRunner(settings, manager)
+    atexit.register(runner.close)  # a run still going when the app exits stops with a checkpoint
     defaults = RunConfig(base_model=manager.catalog.default_for("chat", settings.offline))
     model_choices = [(spec.label, spec.id) for spec in manager.catalog if spec.task in TRAINABLE_TASKS]
 
@@ -204,6 +219,7 @@ def build(manager, settings) -> None:
         if file is None:
             return [gr.skip()] * (len(form) + 1)
         config = RunConfig.load(upload_path(file))
+        config = dataclasses.replace(config, resume_from="")
         return [*config_to_form(config), config_yaml(config)]
 
     def yaml_saved(text):

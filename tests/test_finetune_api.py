@@ -70,3 +70,26 @@ def test_start_follow_and_adapter_listed(client, app_server, tmp_path):
     assert client.predict(run_id, api_name="/finetune_stop")["state"] == "completed"  # nothing left to stop
     with pytest.raises(Exception, match="Unknown run"):
         client.predict("../../etc", api_name="/finetune_status")
+
+
+def test_tab_helpers_round_trip_the_form_and_draw_progress(tmp_path):
+    from finetune.config import RunConfig
+    from tabs import finetune as tab
+
+    config = RunConfig(base_model="tiny-vlm", target_modules=["q_proj", "v_proj"], max_steps=7)
+    values = tab.config_to_form(config)
+    assert values[tab.FORM_FIELDS.index("target_modules")] == "q_proj, v_proj"
+    values[tab.FORM_FIELDS.index("lora_r")] = 8.0  # gr.Number sends floats
+    back = tab.form_to_config(*values)
+    assert back.lora_r == 8 and isinstance(back.lora_r, int) and back.target_modules == ["q_proj", "v_proj"]
+    assert "dataset" not in tab.config_yaml(back) and "max_steps: 7" in tab.config_yaml(back)
+    status = {"run_id": "r1", "state": "running", "step": 5, "total": 20, "loss": 1.5, "tokens_per_s": 300.0,
+              "eta_s": 12.0, "loss_history": [{"step": 5, "loss": 1.5}], "eval_history": [{"step": 5, "eval_loss": 2}]}
+    assert "width:25.0%" in tab.progress_html(status) and "ETA 12 s" in tab.progress_html(status)
+    assert tab.loss_frame(status)["series"].tolist() == ["train", "eval"]
+    failed = {**status, "state": "failed", "message": "out of memory"}
+    assert "failed: out of memory" in tab.status_message(failed)
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text("{}\n")
+    with pytest.raises(ValueError, match="uploaded to this app"):
+        tab.upload_path({"path": str(outside)})
