@@ -17,14 +17,32 @@ SAFETY_HELP = ("On by default, as in diffusers: when the model repo ships a safe
                "changes nothing for them.")
 
 
-class StopSignal:
-    """A per-session stop flag held in ``gr.State`` (Gradio deep-copies state; this shares itself)."""
+class StopRegistry:
+    """Stop flags of the runs in progress, one per browser or API session (made in build(), not global)."""
 
     def __init__(self):
-        self.event = threading.Event()
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
 
-    def __deepcopy__(self, memo):
-        return self
+    def start(self, session: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[session] = event
+        return event
+
+    def finish(self, session: str, event: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(session) is event:
+                del self._events[session]
+
+    def stop(self, session: str) -> bool:
+        """Ask the session's run to stop at its next step; False when nothing is running."""
+        with self._lock:
+            event = self._events.get(session)
+        if event is None:
+            return False
+        event.set()
+        return True
 
 
 # ---- plain functions (what the tests and the bench call) ----------------------------------------
@@ -200,29 +218,33 @@ def build(manager, settings) -> None:
             with gr.Accordion("PNG Info: drop a workbench PNG to reuse its settings", open=False):
                 png_file = gr.File(label="Workbench PNG", file_types=[".png"], type="filepath")
                 recipe_json = gr.JSON(label="Recipe")
-    stop_state = gr.State(StopSignal)
+    stops = StopRegistry()
     controls = [prompt, negative_prompt, style, model, width, height, steps, guidance, seed, num_images, scheduler,
                 precision, attention_slicing, vae_tiling, cpu_offload, safety_checker]
 
     @gpu
     @user_errors
     def generate(prompt, negative_prompt, style, model, width, height, steps, guidance, seed, num_images, scheduler,
-                 precision, attention_slicing, vae_tiling, cpu_offload, safety_checker, stop_signal=None,
+                 precision, attention_slicing, vae_tiling, cpu_offload, safety_checker, request: gr.Request = None,
                  progress=gr.Progress()):
         """Generate images; returns the gallery and an info dict with the seed actually used."""
-        signal = stop_signal if isinstance(stop_signal, StopSignal) else StopSignal()
-        signal.event.clear()
+        session = getattr(request, "session_hash", None) or f"anonymous-{threading.get_ident()}"
+        stop = stops.start(session)
         progress((0, None), desc="Loading model")
-        items, run_info = txt2img(
-            manager, settings, prompt, negative_prompt, style, model, width, height, steps, guidance, seed,
-            num_images, scheduler, precision, attention_slicing, vae_tiling, cpu_offload, safety_checker,
-            stop=signal.event, on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"))
+        try:
+            items, run_info = txt2img(
+                manager, settings, prompt, negative_prompt, style, model, width, height, steps, guidance, seed,
+                num_images, scheduler, precision, attention_slicing, vae_tiling, cpu_offload, safety_checker,
+                stop=stop, on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"))
+        finally:
+            stops.finish(session, stop)
         for notice in run_info["notices"]:
             gr.Info(notice)
         return items, run_info
 
-    def request_stop(stop_signal):
-        stop_signal.event.set()
+    def request_stop(request: gr.Request = None):
+        if not stops.stop(getattr(request, "session_hash", None) or ""):
+            gr.Info("Nothing is running.")
 
     def on_model_change(model_id):
         values = model_defaults(manager, model_id)
@@ -253,14 +275,14 @@ def build(manager, settings) -> None:
                 values["model"] or keep, "custom", values["width"], values["height"], values["steps"],
                 values["guidance"], values["seed"], values["num_images"], values["scheduler"])
 
-    run_event = run_btn.click(generate, inputs=[*controls, stop_state], outputs=[gallery, info], api_name="txt2img",
+    run_event = run_btn.click(generate, inputs=controls, outputs=[gallery, info], api_name="txt2img",
                               **GPU_QUEUE)
     run_event.then(backend_markdown, inputs=info, outputs=backend, api_visibility="private", queue=False)
-    prompt.submit(generate, inputs=[*controls, stop_state], outputs=[gallery, info], api_visibility="private",
+    prompt.submit(generate, inputs=controls, outputs=[gallery, info], api_visibility="private",
                   **GPU_QUEUE).then(backend_markdown, inputs=info, outputs=backend, api_visibility="private",
                                     queue=False)
     # Stop must not wait behind the run it interrupts, so it skips the GPU queue.
-    stop_btn.click(request_stop, inputs=stop_state, api_visibility="private", queue=False)
+    stop_btn.click(request_stop, api_visibility="private", queue=False)
     # .input (not .change) so that a recipe loaded from a PNG is not reset to the model's defaults.
     model.input(user_errors(on_model_change), inputs=model, outputs=[size_preset, width, height, steps, guidance],
                  api_visibility="private", queue=False)

@@ -15,6 +15,18 @@ from models.pnginfo import RECIPE_FIELDS, make_recipe, read_recipe, save_png
 TINY = "tiny-sd"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """tiny-sd's layers are too small to gain from threads, and on a busy 2-core machine two OpenMP
+    threads wait on each other: 64x64 took 2.3 s with two threads and 0.13 s with one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pixels(path):
     import numpy as np
     from PIL import Image
@@ -194,9 +206,9 @@ def test_every_scheduler_and_memory_option_runs(manager, catalog):
             assert diffusion.generate(handle, request).images
             class_name = diffusion.SCHEDULERS[name][0]
             assert class_name is None or type(handle.pipe.scheduler).__name__ == class_name
-        plain_request, _ = diffusion.check_request(spec, prompt="x", seed=3, steps=2, width=128, height=128)
+        plain_request, _ = diffusion.check_request(spec, prompt="x", seed=3, steps=2, width=96, height=96)
         plain = np.array(diffusion.generate(handle, plain_request).images[0], dtype=int)
-        optioned, _ = diffusion.check_request(spec, prompt="x", seed=3, steps=2, width=128, height=128,
+        optioned, _ = diffusion.check_request(spec, prompt="x", seed=3, steps=2, width=96, height=96,
                                               attention_slicing=True, vae_tiling=True, cpu_offload=True)
         result = diffusion.generate(handle, optioned)
         assert handle.attention_slicing and handle.vae_tiling and not handle.offloaded
@@ -251,6 +263,29 @@ def test_stop_interrupts_at_the_next_step_and_unpins(manager, settings):
     stop.clear()
     gallery, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=1, stop=stop)
     assert len(gallery) == 1 and not info["stopped"], "the model keeps serving after a stop"
+    assert manager.unload(TINY) and not manager.leaks, "nothing the run held outlives the unload"
+
+
+def test_stop_registry_is_per_session():
+    from tabs.text_to_image import StopRegistry
+
+    stops = StopRegistry()
+    assert not stops.stop("alice"), "nothing running"
+    alice, bob = stops.start("alice"), stops.start("bob")
+    assert stops.stop("alice") and alice.is_set() and not bob.is_set()
+    stops.finish("alice", alice)
+    assert not stops.stop("alice")
+
+
+def test_model_defaults_and_foreign_recipes(manager):
+    from tabs.text_to_image import model_defaults, recipe_controls
+
+    assert model_defaults(manager, "stabilityai/stable-diffusion-xl-base-1.0")["width"] == 1024
+    assert model_defaults(manager, "stabilityai/sdxl-turbo")["steps"] == 1
+    with pytest.raises(ValueError, match="not a text-to-image model"):
+        model_defaults(manager, "tiny-chat")
+    values, notices = recipe_controls(manager, recipe(model="someone/else-model"))
+    assert values["model"] is None and "not in this workbench's catalog" in notices[0]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
