@@ -400,3 +400,26 @@ def test_other_tiny_models_load_and_unload_cleanly(manager, model_id):
     assert manager.snapshot()[0]["bytes"] > 0
     assert manager.unload(model_id) is True
     assert manager.leaks == [] and manager.used_bytes() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["nf4", "fp16"])
+def test_cuda_memory_returns_to_baseline_after_unload(tmp_path, catalog, quant):
+    import torch
+
+    from models.manager import CUDA_LEAK_TOLERANCE
+
+    manager = ModelManager(catalog, make_settings(tmp_path, device="cuda"))
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    with manager.use("smollm2-135m", quant=quant) as handle:
+        assert next(handle.model.parameters()).device.type == "cuda"
+        loaded = torch.cuda.memory_allocated()
+        if quant == "nf4":
+            assert any(type(m).__name__ == "Linear4bit" for m in handle.model.modules())
+    del handle
+    assert loaded - baseline > 20 * MB
+    assert manager.snapshot()[0]["precision"] == quant and manager.snapshot()[0]["device"] == "cuda"
+    manager.unload("smollm2-135m")
+    assert torch.cuda.memory_allocated() - baseline <= CUDA_LEAK_TOLERANCE
+    assert manager.leaks == []
