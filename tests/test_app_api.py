@@ -128,3 +128,9 @@ def test_health_route(app_server):
     with manager.use("tiny-chat"):
         assert httpx.get(url + "health", timeout=10).json()["loaded"] == ["tiny-chat"]
     manager.unload_all()
+
+
+def test_uncached_hub_model_offline_says_what_to_do(app_server, client):
+    with pytest.raises(AppError, match="hf download Qwen/Qwen2.5-0.5B-Instruct"):
+        client.predict(message="Hello", history=[], model="Qwen/Qwen2.5-0.5B-Instruct", api_name="/chat")
+    assert not app_server[1].is_loaded("Qwen/Qwen2.5-0.5B-Instruct") and app_server[1]._reserved == {}
