@@ -88,17 +88,21 @@ def run_process(command: list[str], env: dict) -> tuple[float, int]:
     return time.perf_counter() - started, usage.ru_maxrss // 1024
 
 
-def steps_per_second(log_path: Path, skip: int) -> float:
-    """1 / the median step time from step ``skip`` on: robust to other processes' bursts on shared cores."""
-    import statistics
-
+def step_times(log_path: Path, skip: int) -> list[float]:
+    """Seconds per optimizer step from step ``skip`` on, from the per-step timestamps in a log."""
     times = {}
     for line in log_path.read_text().splitlines():
         record = json.loads(line)
         if record.get("event") == "step":
             times[record["step"]] = record["time"]
     steps = sorted(step for step in times if step >= skip)
-    return 1.0 / statistics.median(times[b] - times[a] for a, b in zip(steps, steps[1:], strict=False))
+    return [times[b] - times[a] for a, b in zip(steps, steps[1:], strict=False)]
+
+
+def steps_per_second(samples: list[float]) -> float:
+    """1 / the lower-quartile step time: other processes on shared cores only ever add time, in bursts."""
+    ordered = sorted(samples)
+    return 1.0 / ordered[len(ordered) // 4]
 
 
 def log_records(log_path: Path, event: str) -> list[dict]:
@@ -144,33 +148,35 @@ def main() -> None:
         (work / "plain.py").write_text(PLAIN_SCRIPT)
 
         # 1. Throughput: the two runs alternate (A B, then B A) so that drift on shared cores hits both
-        def workbench(round_index: int) -> tuple[float, float]:
+        def workbench(round_index: int) -> tuple[list[float], float]:
             config = workbench_config(work, f"workbench-{round_index}", args.model, args.steps, args.batch, "nf4",
                                       settings)
             wall, _ = run_process([sys.executable, "-m", "finetune.train", str(config)], env)
-            return steps_per_second(work / f"workbench-{round_index}" / "log.jsonl", args.skip), wall
+            return step_times(work / f"workbench-{round_index}" / "log.jsonl", args.skip), wall
 
-        def plain(round_index: int) -> tuple[float, float]:
+        def plain(round_index: int) -> tuple[list[float], float]:
             plain_log = work / f"plain-{round_index}.jsonl"
             wall, _ = run_process([sys.executable, str(work / "plain.py"), location, str(work / "data.jsonl"),
                                    str(plain_log), str(args.steps), str(args.batch)], env)
-            return steps_per_second(plain_log, args.skip), wall
+            return step_times(plain_log, args.skip), wall
 
         results = {"workbench": [], "plain": []}
         for round_index in range(args.rounds):
             order = [("workbench", workbench), ("plain", plain)]
             for name, run in order if round_index % 2 == 0 else order[::-1]:
                 results[name].append(run(round_index))
-        print("rounds (steps/s): workbench " + ", ".join(f"{r[0]:.2f}" for r in results["workbench"])
-              + "; plain " + ", ".join(f"{r[0]:.2f}" for r in results["plain"]))
-        wb, wb_wall = max(results["workbench"])
-        base, base_wall = max(results["plain"])
-        print(f"model {args.model}, {args.steps} steps, batch {args.batch}, {args.rounds} alternating round(s), "
-              f"best round each; steps/s = 1 / median step time from step {args.skip} on "
-              "(process start-up excluded: it dominates on tiny models)")
-        print(f"workbench training process: {wb:.2f} steps/s (process wall {wb_wall:.1f} s)")
-        print(f"plain peft + Trainer script: {base:.2f} steps/s (process wall {base_wall:.1f} s)")
-        print(f"throughput ratio (workbench / plain): {wb / base:.2f} (goal >= 0.95)")
+        if args.rounds:
+            print(f"model {args.model}, {args.steps} steps, batch {args.batch}, {args.rounds} alternating round(s); "
+                  f"steps/s = 1 / lower-quartile step time over all rounds, from step {args.skip} on (process "
+                  "start-up excluded: it dominates on tiny models)")
+            rates = {}
+            for name in ("workbench", "plain"):
+                samples = [t for times, _ in results[name] for t in times]
+                rates[name] = steps_per_second(samples)
+                per_round = ", ".join(f"{steps_per_second(times):.1f}" for times, _ in results[name])
+                walls = ", ".join(f"{wall:.1f}" for _, wall in results[name])
+                print(f"{name}: {rates[name]:.2f} steps/s (per round {per_round}; process wall s {walls})")
+            print(f"throughput ratio (workbench / plain): {rates['workbench'] / rates['plain']:.2f} (goal >= 0.95)")
 
         # 2. Memory: 4-bit base vs full-precision base, two training steps each
         memory_model = args.memory_model
@@ -188,6 +194,9 @@ def main() -> None:
                 model = log_records(work / name / "log.jsonl", "model")[0]
                 training = max(r["rss_mb"] for r in log_records(work / name / "log.jsonl", "step"))
                 figures[quantization] = (peak, training, model["weights_mb"])
+                done = log_records(work / name / "log.jsonl", "done")[0]
+                if "cuda_peak_mb" in done["metrics"]:
+                    print(f"{memory_model} {quantization}: CUDA peak allocated {done['metrics']['cuda_peak_mb']} MB")
             for quantization, label in (("nf4", "4-bit NF4 base"), ("none", "full-precision fp32 base")):
                 peak, training, weights = figures[quantization]
                 print(f"{memory_model} {label}: weights {weights:.0f} MB, RSS while training {training:.0f} MB, "

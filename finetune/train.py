@@ -198,6 +198,19 @@ def make_callbacks(log: RunLog, stopper: GracefulStop):
     return [LogCallback()]
 
 
+def release_host_memory() -> None:
+    """Hand freed heap pages back to the OS after loading: quantizing reads the full-precision
+    checkpoint first, and glibc would otherwise keep that memory in the process for the whole run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): nothing to trim
+
+
 def current_rss_mb() -> float | None:
     """Resident memory of this process now (Linux), in MB."""
     try:
@@ -281,6 +294,7 @@ def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, re
     # 2. Model: quantized base, LoRA on the language model's linear layers
     log.write("loading", base_model=config.base_model, quantization=config.quantization, device=device)
     model, processor, is_vlm, precision = load_base(config, catalog, settings, device)
+    release_host_memory()
     if stopper.requested:
         return {"state": "stopped", "adapter": None, "checkpoint": None, "metrics": {"steps": 0}}
     train_items = encode_all(train_rows, processor, config.max_length, is_vlm)
@@ -334,6 +348,8 @@ def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, re
     metrics = {"steps": trainer.state.global_step, "train_loss": round(result.training_loss, 6),
                "train_rows": len(train_items), "validation_rows": len(val_items), "format": parsed.format,
                "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2)}
+    if torch.cuda.is_available():
+        metrics["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 1024**2, 1)
     if val_items and not stopper.requested:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
         log.write("eval", step=trainer.state.global_step, eval_loss=metrics["eval_loss"])

@@ -150,9 +150,11 @@ def test_bad_dataset_and_bad_config_start_nothing(tmp_path, runner, settings, ma
     assert not settings.runs_dir.exists() or not list(settings.runs_dir.glob("*/log.jsonl"))
 
 
-def test_tiny_vlm_trains_on_images_with_the_vision_tower_frozen(tmp_path, runner, settings):
+def test_tiny_vlm_trains_on_images_with_the_vision_tower_frozen(tmp_path, runner, settings, manager):
     from PIL import Image
     from safetensors import safe_open
+
+    from models import adapters
 
     rows = []
     for index, (color, name) in enumerate([((255, 0, 0), "red"), ((0, 0, 255), "blue"), ((0, 255, 0), "green")]):
@@ -173,3 +175,42 @@ def test_tiny_vlm_trains_on_images_with_the_vision_tower_frozen(tmp_path, runner
     with safe_open(str(settings.adapters_dir / "colors" / "adapter_model.safetensors"), "pt") as weights:
         names = list(weights.keys())
     assert names and all("language_model" in name for name in names), names
+
+    # the adapter loads on the VQA family's model from the manager and changes its output
+    folder = adapters.resolve(settings.adapters_dir, "colors", "tiny-vlm")
+    with manager.use("tiny-vlm") as handle:
+        image = Image.open(tmp_path / "imgs" / "0.png").convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is this?"}]}]
+        prompt = handle.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = handle.processor(images=[image], text=prompt, return_tensors="pt")
+        adapters.activate(handle.model, None)
+        base = handle.model(**inputs).logits
+        adapters.activate(handle.model, folder)
+        tuned = handle.model(**inputs).logits
+        adapters.activate(handle.model, None)
+    assert not base.allclose(tuned)
+
+
+@pytest.mark.gpu
+def test_cuda_qlora_uses_less_gpu_memory_than_a_full_precision_base(tmp_path):
+    """On CUDA the 4-bit NF4 base must take clearly less GPU memory than bf16 while training."""
+    import subprocess
+    import sys
+
+    from conftest import MODELS_DIR, ROOT
+
+    from finetune.config import RunConfig
+
+    write_jsonl(tmp_path / "d.jsonl", MEMORISE)
+    peaks = {}
+    for quantization in ("nf4", "none"):
+        run_dir = tmp_path / quantization
+        config = RunConfig(base_model="smollm2-135m", adapter_name=f"gpu-{quantization}", quantization=quantization,
+                           max_steps=3, batch_size=2, max_length=128, val_fraction=0.0,
+                           dataset=str(tmp_path / "d.jsonl"), run_dir=str(run_dir), cache_dir=str(tmp_path / "cache"),
+                           models_dir=str(MODELS_DIR), offline=True, device="cuda").save(run_dir / "config.yaml")
+        subprocess.run([sys.executable, "-m", "finetune.train", str(config)], cwd=ROOT, check=True, timeout=600)
+        done = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()][-1]
+        assert done["event"] == "done" and done["state"] == "completed"
+        peaks[quantization] = done["metrics"]["cuda_peak_mb"]
+    assert peaks["nf4"] < 0.75 * peaks["none"], peaks
