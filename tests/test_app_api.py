@@ -47,18 +47,13 @@ def test_named_endpoint_exists(named_endpoints, endpoint):
 
 # Extra endpoints that tabs document on purpose, beyond the contract above.
 DOCUMENTED_EXTRAS = {"/png_info"}
-# Known, reported problems in tabs this file does not own: endpoint -> reason.
-KNOWN_ISSUES = {"/StopSignal": "tabs/text_to_image.py: gr.State(StopSignal) makes a public load endpoint "
-                               "(pass an instance, or a value that is not callable)"}
 
 
 def test_no_unexpected_public_endpoints(named_endpoints):
-    """Internal events stay private: only the documented API is offered."""
+    """Internal events stay private: only the documented API is offered (a callable gr.State value, for
+    example, would add a public load endpoint named after it)."""
     unexpected = sorted(set(named_endpoints) - set(ENDPOINT_TAB) - DOCUMENTED_EXTRAS)
-    known = [KNOWN_ISSUES[name] for name in unexpected if name in KNOWN_ISSUES]
-    assert [name for name in unexpected if name not in KNOWN_ISSUES] == [], f"undocumented endpoints: {unexpected}"
-    if known:
-        pytest.xfail("; ".join(known))
+    assert unexpected == [], f"undocumented public endpoints: {unexpected}"
 
 
 @pytest.mark.parametrize("api_name", MODEL_ENDPOINTS)
