@@ -84,10 +84,12 @@ def stream_generate(model, tokenizer, inputs: dict, params: GenerationParams,
 
     errors: list[BaseException] = []
 
-    def work(generate=model.generate, kwargs=dict(inputs)):
+    call_kwargs = dict(inputs)
+
+    def work(generate=model.generate):
         try:
             with torch.inference_mode():
-                generate(**kwargs, **params.generate_kwargs(), streamer=streamer,
+                generate(**call_kwargs, **params.generate_kwargs(), streamer=streamer,
                          stopping_criteria=StoppingCriteriaList([_StopFlag()]),
                          pad_token_id=getattr(decoder, "pad_token_id", None) or getattr(decoder, "eos_token_id", None))
         except BaseException as exc:  # re-raised in the caller's thread below

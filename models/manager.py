@@ -249,8 +249,9 @@ class ModelManager:
                 for entry in evicted:  # put them back: nothing is released when we fail
                     self._entries[entry.spec.id] = entry
                 busy = [mid for mid, e in self._entries.items() if e.pins and mid != model_id]
+                holders = ", ".join(busy) or "loads in progress"
                 raise BudgetBusyError(
-                    f"{model_id} needs about {_gb(incoming)} but models in use ({', '.join(busy) or 'loads in progress'}) "
+                    f"{model_id} needs about {_gb(incoming)} but models in use ({holders}) "
                     f"hold the {_gb(self.budget)} budget. Try again when they finish.")
             victim = candidates.pop(0)
             del self._entries[victim.spec.id]
