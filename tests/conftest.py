@@ -20,6 +20,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs the test process, an app server and training processes side by side on small CI
+# machines; one compute thread each avoids oversubscription (measured 30-100x slowdowns on 2 cores
+# without it). Tiny models gain nothing from more threads. Subprocesses inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import ROOT
 from gradio_client.exceptions import AppError
 
 ENDPOINTS_BY_TAB = {
@@ -17,10 +16,6 @@ ENDPOINTS_BY_TAB = {
 # Endpoints that run a model in-process and must therefore wait in the one "gpu" queue.
 MODEL_ENDPOINTS = ["vqa", "txt2img", "transcribe", "chat", "speak", "voice"]
 ENDPOINT_TAB = {endpoint: tab for tab, endpoints in ENDPOINTS_BY_TAB.items() for endpoint in endpoints}
-
-
-def landed(tab: str) -> bool:
-    return "Placeholder while" not in (ROOT / "tabs" / f"{tab}.py").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +34,6 @@ def built_demo(tmp_path_factory):
 
 @pytest.mark.parametrize("endpoint", list(ENDPOINT_TAB))
 def test_named_endpoint_exists(named_endpoints, endpoint):
-    tab = ENDPOINT_TAB[endpoint]
-    if endpoint not in named_endpoints and not landed(tab):
-        pytest.xfail(f"tabs/{tab}.py has not landed yet")
     assert endpoint in named_endpoints, f"{endpoint} missing; the app offers {sorted(named_endpoints)}"
 
 
@@ -60,9 +52,6 @@ def test_no_unexpected_public_endpoints(named_endpoints):
 def test_model_endpoints_share_the_gpu_queue(built_demo, api_name):
     functions = [fn for fn in built_demo.fns.values() if fn.api_name == api_name]
     if not functions:
-        tab = ENDPOINT_TAB[f"/{api_name}"]
-        if not landed(tab):
-            pytest.xfail(f"tabs/{tab}.py has not landed yet")
         pytest.fail(f"/{api_name} is not wired")
     (fn,) = functions
     assert (fn.concurrency_id, fn.concurrency_limit) == ("gpu", 1)
