@@ -78,7 +78,7 @@ def transformers_kwargs(precision: Precision) -> dict:
 
 def diffusers_kwargs(precision: Precision) -> dict:
     """Keyword arguments for a diffusers pipeline: fp16, or 4-bit through PipelineQuantizationConfig."""
-    kwargs: dict = {"torch_dtype": precision.torch_dtype()}
+    kwargs: dict = {"dtype": precision.torch_dtype()}  # diffusers 0.42 deprecates torch_dtype
     if precision.name == "nf4":
         import torch
         from diffusers.quantizers import PipelineQuantizationConfig

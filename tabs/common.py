@@ -8,6 +8,8 @@ import logging
 
 import gradio as gr
 
+from models.checks import check_number  # noqa: F401 - re-exported for the tab builders
+
 log = logging.getLogger(__name__)
 
 # Events that run a model share one queue, so model calls are serialized on the device.
@@ -73,20 +75,3 @@ def adapter_choices(settings) -> list[str]:
     folder = settings.adapters_dir
     names = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file()) if folder.is_dir() else []
     return ["none"] + names
-
-
-def check_number(name: str, value, low: float, high: float, integer: bool = False) -> float:
-    """Validate a number that may arrive from the API as anything; return it as float/int."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{name} must be a number between {low} and {high}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number between {low} and {high}, got {value!r}") from None
-    if number != number or not (low <= number <= high):
-        raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
-    if integer:
-        if number != int(number):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-        return int(number)
-    return number

@@ -68,8 +68,13 @@ def build(manager, settings) -> None:
 
     timer.tick(refresh, outputs=[table, meter, choice], show_progress="hidden", api_visibility="private",
                queue=False)
-    unload_btn.click(user_errors(lambda mid: unload_message(manager, mid)), inputs=choice, outputs=status,
-                     api_name="unload").then(refresh, outputs=[table, meter, choice], api_visibility="private")
+    @user_errors
+    def unload(model_id: str) -> str:
+        """Unload one model (idempotent); returns what happened."""
+        return unload_message(manager, model_id)
+
+    unload_btn.click(unload, inputs=choice, outputs=status, api_name="unload").then(
+        refresh, outputs=[table, meter, choice], api_visibility="private")
     unload_all_btn.click(lambda: unload_all_message(manager), outputs=status, api_name="unload_all").then(
         refresh, outputs=[table, meter, choice], api_visibility="private")
 

@@ -80,6 +80,7 @@ def test_models_endpoint_lists_loaded_models_and_unloads(app_server, client):
 
     assert client.predict("tiny-chat", api_name="/unload") == "Unloaded tiny-chat."
     assert client.predict("tiny-chat", api_name="/unload") == "tiny-chat was not loaded."
+    assert client.predict(model_id="tiny-chat", api_name="/unload") == "tiny-chat was not loaded."
     assert client.predict(api_name="/models")["models"] == [] and manager.used_bytes() == 0
 
 

@@ -242,7 +242,7 @@ def test_bad_inputs_through_the_api_keep_the_app_serving(client, app_server, aud
     _, manager, _ = app_server
     cases = [
         (dict(audio=handle_file(audio_files["silent"]), api_name="/transcribe"), "silent"),
-        (dict(audio=handle_file(audio_files["empty"]), api_name="/transcribe"), ""),
+        (dict(audio=handle_file(audio_files["empty"]), api_name="/transcribe"), "is empty"),
         (dict(audio=handle_file(audio_files["text"]), api_name="/transcribe"), "damaged or not audio"),
         (dict(audio=handle_file(audio_files["corrupt"]), api_name="/transcribe"), "damaged"),
         (dict(audio=handle_file(audio_files["stereo48k"]), language="klingon", model="tiny-whisper",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import secrets
 import threading
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.catalog import ModelSpec
+from models.checks import check_number
 from models.quantization import Precision, diffusers_kwargs
 
 log = logging.getLogger(__name__)
@@ -174,26 +174,6 @@ def clean_text(name: str, value) -> str:
     return value
 
 
-def _number(name: str, value, low: float, high: float, integer: bool, context: str = ""):
-    """``value`` as int/float within [low, high]; ``context`` says whose limits these are."""
-    expected = f"{name} must be a number between {low} and {high}{context}"
-    if isinstance(value, bool) or value is None:
-        raise ValueError(expected)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{expected}, got {value!r}") from None
-    if math.isnan(number):
-        raise ValueError(f"{expected}, got NaN")
-    if not low <= number <= high:
-        raise ValueError(f"{name} must be between {low} and {high}{context}, got {value!r}")
-    if integer:
-        if number != int(number):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-        return int(number)
-    return number
-
-
 def activation_bytes(spec: ModelSpec, precision_name: str, width: int, height: int, num_images: int,
                      attention_slicing: bool, vae_tiling: bool) -> int:
     """Rough peak working memory of one run beyond the weights (latents, attention, VAE decode)."""
@@ -231,19 +211,19 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
     if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {scheduler!r}. Schedulers: {', '.join(SCHEDULERS)}")
     side_hint = f" for {spec.id} (and a multiple of 8)"
-    width = _number("width", defaults.width if width is None else width, MIN_SIDE, defaults.max_side, True,
+    width = check_number("width", defaults.width if width is None else width, MIN_SIDE, defaults.max_side, True,
                     side_hint)
-    height = _number("height", defaults.height if height is None else height, MIN_SIDE, defaults.max_side, True,
+    height = check_number("height", defaults.height if height is None else height, MIN_SIDE, defaults.max_side, True,
                      side_hint)
     for name, side in (("width", width), ("height", height)):
         if side % 8:
             raise ValueError(f"{name} must be a multiple of 8, got {side}; try {side - side % 8} or "
                              f"{side - side % 8 + 8}")
-    steps = _number("steps", defaults.steps if steps is None else steps, 1, defaults.max_steps, True,
+    steps = check_number("steps", defaults.steps if steps is None else steps, 1, defaults.max_steps, True,
                     f" for {spec.id}")
-    guidance = _number("guidance", defaults.guidance if guidance is None else guidance, 0.0, MAX_GUIDANCE, False)
-    num_images = _number("number of images", num_images, 1, MAX_IMAGES, True)
-    seed = _number("seed", -1 if seed is None else seed, -1, MAX_SEED, True, " (-1 picks a random seed)")
+    guidance = check_number("guidance", defaults.guidance if guidance is None else guidance, 0.0, MAX_GUIDANCE, False)
+    num_images = check_number("number of images", num_images, 1, MAX_IMAGES, True)
+    seed = check_number("seed", -1 if seed is None else seed, -1, MAX_SEED, True, " (-1 picks a random seed)")
     if seed == -1:
         seed = secrets.randbelow(MAX_SEED + 1)
     if budget_bytes is not None:
