@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from finetune.config import ALL_LINEAR, RunConfig
@@ -369,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="run config YAML (see finetune/config.py)")
     parser.add_argument("--resume", default="", help="'latest' or a checkpoint folder to resume from")
     args = parser.parse_args(argv)
+    # Library deprecation notices (transformers 5 renamed gradient checkpointing, for one) would fill the
+    # tab's "last log lines" with noise that users cannot act on; real warnings still come through.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     stopper = GracefulStop()
     stopper.install()
     try:

@@ -16,6 +16,7 @@ from finetune.runner import ACTIVE_STATES, TrainingRunner
 from tabs.common import check_number, user_errors
 
 POLL_SECONDS = 2
+LOSS_COLORS = {"train": "#6366f1", "eval": "#f59e0b"}
 TRAINABLE_TASKS = ("chat", "vqa")
 # Form fields in widget order; each one is a RunConfig attribute.
 FORM_FIELDS = ("base_model", "adapter_name", "quantization", "lora_r", "lora_alpha", "lora_dropout",
@@ -97,11 +98,16 @@ def progress_html(status: dict) -> str:
 
 
 def loss_frame(status: dict):
+    """Train and eval loss points for the plot, or None while there are none.
+
+    None, not an empty DataFrame: Gradio 6's LinePlot, once updated with an empty frame, types its
+    axes from it and draws no line for the data that follows (seen in the browser walk).
+    """
     import pandas as pd
 
     rows = [{"step": p["step"], "loss": p["loss"], "series": "train"} for p in status.get("loss_history", [])]
     rows += [{"step": p["step"], "loss": p["eval_loss"], "series": "eval"} for p in status.get("eval_history", [])]
-    return pd.DataFrame(rows or [], columns=["step", "loss", "series"])
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None
 
 
 def status_message(status: dict) -> str:
@@ -178,7 +184,7 @@ def build(manager, settings) -> None:
                     with gr.Column():
                         save_btn = gr.Button("Save YAML")
                         show_command = gr.Button("Show command")
-                    saved_file = gr.File(label="Saved config", interactive=False, height=80)
+                    saved_file = gr.File(label="Saved config", interactive=False, height=80, visible=False)
                 command = gr.Code(label="Equivalent command line", language="shell", visible=False)
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="ft-start")
@@ -188,7 +194,8 @@ def build(manager, settings) -> None:
     progress = gr.HTML(elem_id="ft-progress")
     message = gr.Markdown(elem_id="ft-message")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=260, elem_id="ft-loss")
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=LOSS_COLORS, label="Loss", height=300,
+                                elem_id="ft-loss")
         log_lines = gr.Textbox(label="Last log lines", lines=10, max_lines=12, interactive=False)
     timer = gr.Timer(POLL_SECONDS, active=False)
 
@@ -227,7 +234,7 @@ def build(manager, settings) -> None:
         path = settings.runs_dir / "saved-configs" / f"{config.adapter_name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(config_yaml(config), encoding="utf-8")
-        return str(path)
+        return gr.update(value=str(path), visible=True)
 
     def command_shown(text):
         config = parse_config(text).validate(manager.catalog)

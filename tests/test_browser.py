@@ -153,6 +153,10 @@ def walk_finetune(page, dataset_path) -> None:
     message = page.locator("#ft-message").inner_text()
     assert "completed" in message, message
     assert "Adapter saved" in message
+    # the loss curve is drawn: a line in the train colour (#6366f1) through the logged steps, not empty axes
+    page.wait_for_function("""() => Array.from(document.querySelectorAll('#ft-loss path')).some(
+        p => /L/.test(p.getAttribute('d') || '') && getComputedStyle(p).stroke === 'rgb(99, 102, 241)')""",
+                           timeout=15_000)
     screenshot(page, "finetune")
 
 

@@ -87,6 +87,7 @@ def test_tab_helpers_round_trip_the_form_and_draw_progress(tmp_path):
               "eta_s": 12.0, "loss_history": [{"step": 5, "loss": 1.5}], "eval_history": [{"step": 5, "eval_loss": 2}]}
     assert "width:25.0%" in tab.progress_html(status) and "ETA 12 s" in tab.progress_html(status)
     assert tab.loss_frame(status)["series"].tolist() == ["train", "eval"]
+    assert tab.loss_frame({"loss_history": [], "eval_history": []}) is None  # not an empty frame: see loss_frame
     failed = {**status, "state": "failed", "message": "out of memory"}
     assert "failed: out of memory" in tab.status_message(failed)
     outside = tmp_path / "secret.jsonl"
