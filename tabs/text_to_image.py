@@ -181,7 +181,7 @@ def build(manager, settings) -> None:
         with gr.Column(scale=3):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a lighthouse at dawn, mist over the sea",
                                 elem_id="t2i-prompt")
-            negative_prompt = gr.Textbox(label="Negative prompt", lines=2, placeholder="blurry, low quality")
+            negative_prompt = gr.Textbox("", label="Negative prompt", lines=2, placeholder="blurry, low quality")
             with gr.Row():
                 style = gr.Dropdown(style_names, value="none", label="Style", info=styles_note)
                 model = gr.Dropdown(model_choices(manager, TASK), value=first_model, label="Model")

@@ -263,7 +263,7 @@ def build(manager, settings) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             audio_in = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speak or upload audio")
-            text_in = gr.Textbox(label="…or type a message", lines=2, placeholder="What is the capital of France?")
+            text_in = gr.Textbox("", label="…or type a message", lines=2, placeholder="What is the capital of France?")
             with gr.Row():
                 send = gr.Button("Send", variant="primary")
                 transcribe_only = gr.Button("Transcribe only")

@@ -119,3 +119,19 @@ def test_uncached_hub_model_offline_says_what_to_do(app_server, client):
     with pytest.raises(AppError, match="hf download Qwen/Qwen2.5-0.5B-Instruct"):
         client.predict(message="Hello", history=[], model="Qwen/Qwen2.5-0.5B-Instruct", api_name="/chat")
     assert not app_server[1].is_loaded("Qwen/Qwen2.5-0.5B-Instruct") and app_server[1]._reserved == {}
+
+
+# What an API caller must pass; every other parameter has the UI's default. (/chat's message and /speak's
+# text share the voice tab's text box, whose default is ""; leaving them out gets a clear error.)
+REQUIRED_PARAMETERS = {
+    "/vqa": ["image", "question"], "/txt2img": ["prompt"], "/png_info": ["path"], "/transcribe": ["audio"],
+    "/chat": [], "/speak": [], "/voice": [], "/finetune_validate": ["dataset"],
+    "/finetune_start": ["dataset"], "/finetune_status": ["run_id"], "/finetune_stop": ["run_id"],
+    "/unload": ["model_id"], "/unload_all": [], "/models": [],
+}
+
+
+def test_only_the_essential_parameters_are_required(named_endpoints):
+    required = {name: [p["parameter_name"] for p in info["parameters"] if not p.get("parameter_has_default")]
+                for name, info in named_endpoints.items()}
+    assert required == REQUIRED_PARAMETERS
