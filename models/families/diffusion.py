@@ -211,16 +211,16 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
     if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {scheduler!r}. Schedulers: {', '.join(SCHEDULERS)}")
     side_hint = f" for {spec.id} (and a multiple of 8)"
-    width = check_number("width", defaults.width if width is None else width, MIN_SIDE, defaults.max_side, True,
-                    side_hint)
-    height = check_number("height", defaults.height if height is None else height, MIN_SIDE, defaults.max_side, True,
-                     side_hint)
+    width = check_number("width", defaults.width if width is None else width, MIN_SIDE, defaults.max_side,
+                         True, side_hint)
+    height = check_number("height", defaults.height if height is None else height, MIN_SIDE, defaults.max_side,
+                          True, side_hint)
     for name, side in (("width", width), ("height", height)):
         if side % 8:
             raise ValueError(f"{name} must be a multiple of 8, got {side}; try {side - side % 8} or "
                              f"{side - side % 8 + 8}")
     steps = check_number("steps", defaults.steps if steps is None else steps, 1, defaults.max_steps, True,
-                    f" for {spec.id}")
+                         f" for {spec.id}")
     guidance = check_number("guidance", defaults.guidance if guidance is None else guidance, 0.0, MAX_GUIDANCE, False)
     num_images = check_number("number of images", num_images, 1, MAX_IMAGES, True)
     seed = check_number("seed", -1 if seed is None else seed, -1, MAX_SEED, True, " (-1 picks a random seed)")
