@@ -8,8 +8,6 @@ import logging
 
 import gradio as gr
 
-from models.checks import check_number  # noqa: F401 - re-exported for the tab builders
-
 log = logging.getLogger(__name__)
 
 # Events that run a model share one queue, so model calls are serialized on the device.

@@ -13,7 +13,8 @@ import gradio as gr
 
 from finetune.config import PRESETS, QUANTIZATIONS, SCHEDULERS, RunConfig, cli_command, parse_config, with_preset
 from finetune.runner import ACTIVE_STATES, TrainingRunner
-from tabs.common import check_number, user_errors
+from models.checks import check_number
+from tabs.common import user_errors
 
 POLL_SECONDS = 2
 LOSS_COLORS = {"train": "#6366f1", "eval": "#f59e0b"}

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from tabs.common import GPU_QUEUE, adapter_choices, check_number, default_model, gpu, model_choices, user_errors
+from models.checks import check_number
+from tabs.common import GPU_QUEUE, adapter_choices, default_model, gpu, model_choices, user_errors
 
 DEFAULT_SYSTEM_PROMPT = ("You are a friendly voice assistant. Your replies are read aloud, so answer in one to three "
                          "short, plain sentences, without lists, markdown, code or emoji.")

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from tabs.common import GPU_QUEUE, check_number, default_model, gpu, model_choices, user_errors
+from models.checks import check_number
+from tabs.common import GPU_QUEUE, default_model, gpu, model_choices, user_errors
 
 log = logging.getLogger(__name__)
 
