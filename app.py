@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> None:
         log.info("offline mode: %s; offline models are preselected", settings.offline_reason)
     log.info("memory budget %.1f GB, device %s, cache %s, auth %s", settings.memory_budget_gb,
              settings.device, settings.cache_dir, "on" if settings.auth else "off")
+    # Anything `make run` did not prepare (a fresh cache, a new models file) is prepared now, in the
+    # background, so that nobody waits on a conversion at their first click; the Models tab shows it.
+    manager.preparation.start()
+    try:
+        manager.preload(settings.preload)
+    except ValueError as exc:
+        raise SystemExit(f"--preload: {exc}") from None
     demo.queue(default_concurrency_limit=4)
     demo.launch(**launch_kwargs(settings, manager))
 

@@ -42,7 +42,7 @@ def trend(rss_mb: list[float]) -> tuple[float, float, float]:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    models_dir = ROOT / ".cache" / "test-models"
+    models_dir = ROOT / ".cache" / "offline-models"
     if "WORKBENCH_MODELS_DIR" not in os.environ and models_dir.is_dir():
         os.environ["WORKBENCH_MODELS_DIR"] = str(models_dir)  # reuse the prebuilt tiny models
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -140,7 +140,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         work = Path(tmp)
-        settings = Settings(cache_dir=work / "cache", models_dir=ROOT / ".cache" / "test-models", offline=True,
+        settings = Settings(cache_dir=work / "cache", models_dir=ROOT / ".cache" / "offline-models", offline=True,
                             device="cpu")
         catalog = Catalog.load()
         location = resolve_location(catalog.get(args.model), settings)

@@ -112,7 +112,7 @@ def measure(kind: str, scripts: dict[str, Path], env: dict) -> tuple[float, floa
 
 def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
-    models_dir = ROOT / ".cache" / "test-models"
+    models_dir = ROOT / ".cache" / "offline-models"
     if "WORKBENCH_MODELS_DIR" not in env and models_dir.is_dir():
         env["WORKBENCH_MODELS_DIR"] = str(models_dir)  # reuse the prebuilt tiny models: no build in the timing
     kinds = ["app.py", "bare", "eager"]

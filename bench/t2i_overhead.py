@@ -34,7 +34,7 @@ def make_manager(cache: Path, device: str, budget_gb: float = 32.0):
     from models.manager import ModelManager
     from models.settings import Settings
 
-    settings = Settings(cache_dir=cache, models_dir=ROOT / ".cache" / "test-models", offline=True,
+    settings = Settings(cache_dir=cache, models_dir=ROOT / ".cache" / "offline-models", offline=True,
                         offline_reason="bench", device=device, memory_budget_gb=budget_gb)
     return settings, ModelManager(Catalog.load(), settings)
 

@@ -14,8 +14,9 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 
-from models import memory
+from models import memory, sources
 from models.catalog import Catalog, ModelSpec
+from models.prepare import Preparation
 from models.quantization import Precision, choose
 from models.settings import Settings
 
@@ -55,6 +56,7 @@ class _Entry:
 
 
 Loader = Callable[[ModelSpec, Precision, Settings], object]
+Progress = Callable[[float, str], None]
 Releaser = Callable[[ModelSpec, object], None]
 
 
@@ -96,6 +98,7 @@ class ModelManager:
         self._device: str | None = None
         self.load_count: dict[str, int] = {}
         self.leaks: list[str] = []
+        self.preparation = Preparation(catalog, settings)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -107,16 +110,50 @@ class ModelManager:
         return self._device
 
     @contextlib.contextmanager
-    def use(self, model_id: str, quant: str | None = None) -> Iterator[object]:
-        """Yield a loaded handle for ``model_id``, pinned (never evicted) until the block ends."""
+    def use(self, model_id: str, quant: str | None = None, progress: Progress | None = None) -> Iterator[object]:
+        """Yield a loaded handle for ``model_id``, pinned (never evicted) until the block ends.
+
+        ``progress(fraction, words)`` is told when the model must be prepared or loaded first.
+        """
         spec = self.catalog.get(model_id)
-        entry = self._acquire(spec, quant)
+        entry = self._acquire(spec, quant, progress)
         try:
             yield entry.handle
         finally:
             with self._lock:
                 entry.pins -= 1
                 entry.last_used = time.time()
+
+    def preload(self, model_ids: tuple[str, ...] | list[str]) -> threading.Thread | None:
+        """Load ``model_ids`` in a daemon thread (after any first-use preparation); returns the thread.
+
+        "defaults" stands for the voice tab's default speech, chat and voice models, those of them
+        that work offline (a hub model would start a download nobody asked for); "none" for none.
+        Failures are logged: a model that cannot be preloaded gets its clear message when it is used.
+        """
+        ids: list[str] = []
+        for model_id in model_ids:
+            if model_id == "defaults":
+                defaults = [self.catalog.get(self.catalog.default_for(task, self.settings.offline))
+                            for task in ("speech-to-text", "chat", "text-to-speech")]
+                ids += [spec.id for spec in defaults if spec.works_offline]
+            elif model_id != "none":
+                self.catalog.get(model_id)  # an unknown id is a start-up mistake: say so now
+                ids.append(model_id)
+        if not ids:
+            return None
+
+        def run() -> None:
+            for model_id in dict.fromkeys(ids):
+                try:
+                    with self.use(model_id):
+                        pass
+                except Exception as exc:  # noqa: BLE001 - logged; the app keeps serving
+                    log.warning("could not preload %s: %s", model_id, exc)
+
+        thread = threading.Thread(target=run, name="preload-models", daemon=True)
+        thread.start()
+        return thread
 
     def is_loaded(self, model_id: str) -> bool:
         with self._lock:
@@ -167,7 +204,7 @@ class ModelManager:
 
     # ---- loading ----------------------------------------------------------------------------
 
-    def _acquire(self, spec: ModelSpec, quant: str | None) -> _Entry:
+    def _acquire(self, spec: ModelSpec, quant: str | None, progress: Progress | None = None) -> _Entry:
         with self._lock:
             entry = self._pin_if_loaded(spec.id, quant)
             if entry is not None:
@@ -181,7 +218,15 @@ class ModelManager:
             existing = self._entries.get(spec.id)
             if existing is not None:  # loaded at another precision: swap it out first
                 self.unload(spec.id)
+            if progress is not None:
+                progress(0.0, self._load_words(spec))
             return self._load(spec, quant)
+
+    def _load_words(self, spec: ModelSpec) -> str:
+        if not sources.is_prepared(spec, self.settings):
+            return (f"Preparing {spec.id} for first use (once, about {sources.first_use_seconds(spec)} s), "
+                    "then loading it…")
+        return f"Loading {spec.id}…"
 
     def _pin_if_loaded(self, model_id: str, quant: str | None) -> _Entry | None:
         entry = self._entries.get(model_id)

@@ -47,12 +47,14 @@ def module_bytes(obj: object) -> int:
     """Bytes held by the torch tensors reachable from a loaded-model handle.
 
     Looks at the handle itself and its attributes one level down (model, pipeline components,
-    Coqui synthesizer); each storage is counted once even when modules share weights.
+    Coqui synthesizer); each storage is counted once even when modules share weights. A handle
+    that holds no torch modules (an onnxruntime session) states its size in ``nbytes``.
     """
+    declared = getattr(obj, "nbytes", 0)
+    total = declared if isinstance(declared, int) else 0
     if not torch_loaded():
-        return 0
+        return total
     seen: set[int] = set()
-    total = 0
     for module in iter_modules(obj):
         for tensor in list(module.parameters()) + list(module.buffers()):
             if tensor.device.type == "meta":

@@ -27,6 +27,7 @@ class Settings:
     models_file: Path | None = None
     max_upload_mb: int = 50
     models_dir: Path | None = None  # where built offline models live; cache_dir/offline-models by default
+    preload: tuple[str, ...] = ()  # model ids (or "defaults") loaded in the background right after start-up
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML file with extra catalog entries (env WORKBENCH_MODELS_FILE)")
     parser.add_argument("--max-upload-mb", type=int, default=int(_env("WORKBENCH_MAX_UPLOAD_MB", "50")),
                         help="largest accepted upload in MB (env WORKBENCH_MAX_UPLOAD_MB, default 50)")
+    parser.add_argument("--preload", default=_env("WORKBENCH_PRELOAD", ""),
+                        help="comma-separated model ids to load in the background right after start-up; "
+                             "'defaults': the voice tab's speech, chat and voice models that work offline; "
+                             "'none' (env WORKBENCH_PRELOAD; make run passes 'defaults')")
     return parser
 
 
@@ -118,6 +123,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         models_file=Path(args.models_file).expanduser() if args.models_file else None,
         max_upload_mb=args.max_upload_mb,
         models_dir=Path(_env("WORKBENCH_MODELS_DIR")).expanduser().resolve() if _env("WORKBENCH_MODELS_DIR") else None,
+        preload=tuple(part.strip() for part in args.preload.split(",") if part.strip()),
     )
 
 

@@ -1,7 +1,7 @@
 """Shared fixtures: offline settings, a real manager on tiny models, and one launched app.
 
-Built offline models are cached in .cache/test-models (kept between local runs; CI builds them
-once per run). Everything else a test writes goes to a temporary folder.
+Offline models live in .cache/offline-models, the app's own default, which `make test` prepares
+before pytest starts (kept between local runs). Everything else a test writes goes to a temporary folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = ROOT / ".cache" / "test-models"
+MODELS_DIR = ROOT / ".cache" / "offline-models"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from models import sources
 from models.catalog import ModelSpec
 from models.quantization import Precision
 from models.settings import Settings
+from models.sources import ModelUnavailableError
 
-
-class ModelUnavailableError(ValueError):
-    """The model's files cannot be had here (offline and not cached, missing folder...)."""
+__all__ = ["ModelUnavailableError", "family_module", "load", "release", "resolve_location"]
 
 
 def family_module(name: str) -> ModuleType:
@@ -32,20 +32,9 @@ def family_module(name: str) -> ModuleType:
 
 
 def resolve_location(spec: ModelSpec, settings: Settings) -> str:
-    """Where the family should load ``spec`` from: a folder when one is available, else a hub id."""
-    from models import offline
-
-    if spec.source == "offline":
-        return str(offline.ensure_tiny(spec, settings))
-    if spec.source == "package":
-        return str(offline.ensure_package_model(spec, settings))
-    if spec.source == "local":
-        return offline.checked_local_folder(spec)
-    if spec.source == "hub" and settings.offline:
-        return offline.cached_hub_folder(spec, settings)
-    if spec.source == "coqui" and settings.offline:
-        return offline.cached_coqui_folder(spec, settings)
-    return spec.location
+    """Where the family should load ``spec`` from (see ``models.sources.resolve``)."""
+    builder = getattr(family_module(spec.family), "build_tiny", None) if spec.source == "offline" else None
+    return sources.resolve(spec, settings, builder)
 
 
 def load(spec: ModelSpec, precision: Precision, settings: Settings) -> object:
