@@ -26,6 +26,17 @@ LANGUAGES = {
     "hindi": "hi", "turkish": "tr", "polish": "pl", "ukrainian": "uk", "vietnamese": "vi",
 }
 TINY_LANGUAGES = ("en", "zh", "de", "es", "fr", "ja")
+# Guards against decoding loops (values from Whisper's own transcribe()): a bound on tokens per
+# second of audio, the compression ratio above which text is a repetition, and the mean token
+# log-probability below which an English-only model is not hearing English.
+TOKENS_PER_SECOND = 10
+MAX_CHUNK_TOKENS = 440
+MAX_COMPRESSION_RATIO = 2.4
+MIN_MEAN_LOG_PROB = -1.0
+# Transcription decodes greedily (half the time of a beam search on CPU, which a voice turn waits
+# for); translation, which small Whisper models get wrong far more often, uses Whisper's own beam of 5.
+TRANSLATE_BEAMS = 5
+FALLBACK = {"temperature": (0.2, 0.4, 0.6, 0.8, 1.0), "compression_ratio_threshold": 1.35, "logprob_threshold": -1.0}
 
 Progress = Callable[[float, str], None]
 
@@ -44,6 +55,12 @@ class AsrHandle:
         """Language codes the model's generation config knows (``<|en|>`` -> ``en``)."""
         lang_to_id = getattr(self.model.generation_config, "lang_to_id", None) or {}
         return [token.strip("<|>") for token in lang_to_id]
+
+    @property
+    def multilingual(self) -> bool:
+        """False for English-only models (``*.en``), which take no language or task."""
+        config = self.model.generation_config
+        return bool(getattr(config, "is_multilingual", True) and getattr(config, "lang_to_id", None))
 
 
 @dataclasses.dataclass
@@ -124,6 +141,11 @@ def language_code(handle: AsrHandle, language: str | None) -> str | None:
     if not isinstance(language, str):
         raise ValueError(f"language must be a name such as 'english', got {type(language).__name__}")
     code = LANGUAGES.get(language.strip().lower(), language.strip().lower())
+    if not handle.multilingual:
+        if code != "en":
+            raise ValueError(f"{handle.spec_id} knows only English, not {language!r}. Choose 'auto' or "
+                             "'english', or a multilingual model such as whisper-base.")
+        return None
     supported = handle.languages
     if supported and code not in supported:
         names = {c: n for n, c in LANGUAGES.items()}
@@ -131,6 +153,46 @@ def language_code(handle: AsrHandle, language: str | None) -> str | None:
         raise ValueError(f"{handle.spec_id} does not support the language {language!r}. "
                          f"Choose 'auto' or one of: {listed}.")
     return code
+
+
+def detect_language(handle: AsrHandle, samples) -> str:
+    """The Whisper code of the language spoken in the first 30 s of 16 kHz ``samples`` ("en" for ``*.en``)."""
+    if not handle.multilingual:
+        return "en"
+    import torch
+
+    extractor = handle.feature_extractor
+    features = extractor(samples[:CHUNK_SECONDS * SAMPLE_RATE], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    with torch.inference_mode():
+        ids = handle.model.detect_language(
+            input_features=features.input_features.to(handle.model.device, handle.model.dtype))
+    return handle.tokenizer.convert_ids_to_tokens(int(ids[0])).strip("<|>")
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes over zlib-compressed bytes; Whisper treats above 2.4 as a repetition loop."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def mean_log_prob(handle: AsrHandle, samples, text: str) -> float:
+    """Average log-probability of ``text``'s tokens for ``samples``, scored by the model (teacher forcing)."""
+    import torch
+
+    ids = handle.tokenizer(text, add_special_tokens=False).input_ids
+    if not ids:
+        return 0.0
+    config = handle.model.generation_config
+    prompt = [config.decoder_start_token_id, config.no_timestamps_token_id]
+    features = handle.feature_extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    decoder_ids = torch.tensor([prompt + ids], device=handle.model.device)
+    with torch.inference_mode():
+        logits = handle.model(input_features=features.to(handle.model.device, handle.model.dtype),
+                              decoder_input_ids=decoder_ids).logits[0, len(prompt) - 1:-1].float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return float(log_probs[torch.arange(len(ids)), torch.tensor(ids)].mean())
 
 
 def transcribe(handle: AsrHandle, samples, language: str | None = AUTO, task: str = "transcribe",
@@ -151,14 +213,19 @@ def transcribe(handle: AsrHandle, samples, language: str | None = AUTO, task: st
     if timestamps not in TIMESTAMPS:
         raise ValueError(f"timestamps must be one of {TIMESTAMPS}, got {timestamps!r}")
     code = language_code(handle, language)
+    if not handle.multilingual and task == "translate":
+        raise ValueError(f"{handle.spec_id} knows only English and cannot translate; choose a multilingual "
+                         "model such as whisper-base.")
     if len(samples) == 0:
         raise ValueError("No audio to transcribe.")
 
-    # 2. Cut into 30 s chunks and run the pipeline on each
+    # 2. The language: given, or detected once on the first 30 s and then used for every chunk
+    if code is None and handle.multilingual:
+        code = detect_language(handle, samples)
+
+    # 3. Cut into 30 s chunks and run the pipeline on each
     step = CHUNK_SECONDS * SAMPLE_RATE
     starts = list(range(0, len(samples), step))
-    generate_kwargs = {"task": task, "language": code}
-    return_timestamps = {"none": False, "segment": True, "word": "word"}[timestamps]
     texts: list[str] = []
     segments: list[tuple[float, float, str]] = []
     for index, begin in enumerate(starts):
@@ -166,11 +233,10 @@ def transcribe(handle: AsrHandle, samples, language: str | None = AUTO, task: st
             progress(index / len(starts), f"transcribing chunk {index + 1} of {len(starts)}")
         chunk = samples[begin:begin + step]
         offset = begin / SAMPLE_RATE
-        output = handle.pipeline({"raw": chunk, "sampling_rate": SAMPLE_RATE}, return_timestamps=return_timestamps,
-                                 generate_kwargs=dict(generate_kwargs))
+        output = _transcribe_chunk(handle, chunk, code, task, timestamps)
         texts.append(output["text"].strip())
         chunk_end = offset + len(chunk) / SAMPLE_RATE
-        for part in output.get("chunks", []) if return_timestamps else []:
+        for part in output.get("chunks", []) if timestamps != "none" else []:
             start, end = part["timestamp"]
             # Whisper may place the last timestamp past a short final chunk, or leave it open (None)
             start = min(offset + (start or 0.0), chunk_end)
@@ -179,9 +245,64 @@ def transcribe(handle: AsrHandle, samples, language: str | None = AUTO, task: st
     if progress is not None:
         progress(1.0, "transcribed")
 
-    # 3. Join
-    return Transcript(text=" ".join(t for t in texts if t), segments=segments, language=code or AUTO,
+    # 4. Join
+    return Transcript(text=" ".join(t for t in texts if t), segments=segments,
+                      language=code or ("en" if not handle.multilingual else AUTO),
                       audio_seconds=len(samples) / SAMPLE_RATE, chunks=len(starts))
+
+
+def _transcribe_chunk(handle: AsrHandle, chunk, code: str | None, task: str, timestamps: str) -> dict:
+    """One chunk, bounded in tokens, with Whisper's guard against repetition loops.
+
+    Speech holds well under ``TOKENS_PER_SECOND``; a decoder that goes past it or repeats itself
+    (compression ratio above 2.4) is looping. A multilingual model then tries again with
+    Whisper's temperature fallback; an English-only model was most likely given another language.
+    """
+    seconds = len(chunk) / SAMPLE_RATE
+    model_limit = (getattr(handle.model.generation_config, "max_length", None) or MAX_CHUNK_TOKENS + 8) - 4
+    kwargs = {"max_new_tokens": min(MAX_CHUNK_TOKENS, model_limit, int(seconds * TOKENS_PER_SECOND) + 24),
+              "num_beams": TRANSLATE_BEAMS if task == "translate" else 1}
+    if handle.multilingual:
+        kwargs.update(task=task, language=code)
+    output, log_prob = _decode(handle, chunk, kwargs, timestamps)
+    looping = compression_ratio(output["text"]) > MAX_COMPRESSION_RATIO
+    if handle.multilingual and looping:
+        output, _ = _decode(handle, chunk, {**kwargs, **FALLBACK}, timestamps)
+    elif not handle.multilingual and output["text"].strip():
+        if log_prob is None and not looping:
+            log_prob = mean_log_prob(handle, chunk, output["text"])
+        if looping or log_prob < MIN_MEAN_LOG_PROB:
+            raise ValueError(f"{handle.spec_id} could not make out English speech in this audio; it knows only "
+                             "English. For speech in another language choose a multilingual model such as "
+                             "whisper-base.")
+    return output
+
+
+def _decode(handle: AsrHandle, chunk, kwargs: dict, timestamps: str) -> tuple[dict, float | None]:
+    """({"text", "chunks"}, mean token log-probability or None) for one chunk.
+
+    Without timestamps the model's ``generate`` is called directly, which also gives the token
+    scores; timestamps go through the ASR pipeline, which turns timestamp tokens and
+    cross-attention alignments into segments and words.
+    """
+    if timestamps != "none":
+        return_timestamps = {"segment": True, "word": "word"}[timestamps]
+        return handle.pipeline({"raw": chunk, "sampling_rate": SAMPLE_RATE}, return_timestamps=return_timestamps,
+                               generate_kwargs=dict(kwargs)), None
+    import torch
+
+    model = handle.model
+    features = handle.feature_extractor(chunk, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    with torch.inference_mode():
+        out = model.generate(features.to(model.device, model.dtype), **kwargs, return_dict_in_generate=True,
+                             output_scores=True)
+    sequence = out.sequences[0]
+    log_prob = None
+    if out.scores:
+        chosen = sequence[-len(out.scores):]
+        steps = torch.stack([score[0].float() for score in out.scores])
+        log_prob = float(torch.log_softmax(steps, dim=-1)[torch.arange(len(chosen)), chosen].mean())
+    return {"text": handle.tokenizer.decode(sequence, skip_special_tokens=True)}, log_prob
 
 
 def format_segments(segments: list[tuple[float, float, str]]) -> str:
