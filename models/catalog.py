@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 TASKS = ("vqa", "text-to-image", "speech-to-text", "chat", "text-to-speech")
-FAMILIES = ("vlm", "diffusion", "asr", "chat", "tts")
+FAMILIES = ("vlm", "diffusion", "asr", "chat", "tts", "piper")
 SOURCES = ("hub", "local", "offline", "package", "coqui")
 QUANTS = ("nf4", "int8", "fp16", "bf16", "fp32")
 BUILTIN_FILE = Path(__file__).with_name("catalog.yaml")
@@ -16,9 +16,9 @@ BUILTIN_FILE = Path(__file__).with_name("catalog.yaml")
 # Per-device default precision for each family: 4-bit NF4 for language models on CUDA,
 # fp16 diffusion on CUDA, fp32 on CPU, fp16 on MPS where the family supports it.
 DEFAULT_QUANT = {
-    "cuda": {"vlm": "nf4", "chat": "nf4", "diffusion": "fp16", "asr": "fp16", "tts": "fp32"},
-    "mps": {"vlm": "fp16", "chat": "fp16", "diffusion": "fp16", "asr": "fp16", "tts": "fp32"},
-    "cpu": {"vlm": "fp32", "chat": "fp32", "diffusion": "fp32", "asr": "fp32", "tts": "fp32"},
+    "cuda": {"vlm": "nf4", "chat": "nf4", "diffusion": "fp16", "asr": "fp16", "tts": "fp32", "piper": "fp32"},
+    "mps": {"vlm": "fp16", "chat": "fp16", "diffusion": "fp16", "asr": "fp16", "tts": "fp32", "piper": "fp32"},
+    "cpu": {"vlm": "fp32", "chat": "fp32", "diffusion": "fp32", "asr": "fp32", "tts": "fp32", "piper": "fp32"},
 }
 BYTES_PER_PARAM = {"nf4": 0.56, "int8": 1.05, "fp16": 2.0, "bf16": 2.0, "fp32": 4.0}
 OFFLINE_SOURCES = ("offline", "package", "local")

@@ -43,7 +43,7 @@ def choose(spec, device: str, requested: str | None = None) -> Precision:
         raise ValueError(f"{name} needs bitsandbytes, which does not support MPS; choose fp16 or fp32")
     if name in ("fp16", "bf16") and device == "cpu":
         name = "fp32"  # half-precision matmuls are slow or missing on CPU
-    if name in BNB_QUANTS and spec.family in ("asr", "tts"):
+    if name in BNB_QUANTS and spec.family in ("asr", "tts", "piper"):
         raise ValueError(f"{spec.id}: {spec.family} models are not quantized; choose fp16 or fp32")
     return Precision(name=name, device=device)
 
@@ -74,6 +74,31 @@ def transformers_kwargs(precision: Precision) -> dict:
         kwargs["quantization_config"] = config
         kwargs["device_map"] = {"": 0} if precision.device == "cuda" else precision.device
     return kwargs
+
+
+def fit_4bit_for_cpu(model, training: bool = False) -> int:
+    """Keep bitsandbytes from repacking 4-bit layers where repacking breaks; returns how many were kept.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight at its first eval
+    forward. That fails ("shape '[32, 0]' is invalid") when the layer's input is narrower than the
+    quantization block (64), as in tiny models; and a layer repacked during an evaluation then
+    breaks the training steps after it (an in-place bias add on a leaf that requires grad). So
+    training keeps every layer unpacked, and inference the narrow ones. Unpacked layers compute
+    the same result, only slower on that CPU kind.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    kept = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            state = module.weight.quant_state
+            blocksize = getattr(state, "blocksize", 64) if state is not None else 64
+            if training or module.in_features % blocksize:
+                module.support_avx512bf16_for_cpu = False
+                kept += 1
+    return kept
 
 
 def diffusers_kwargs(precision: Precision) -> dict:

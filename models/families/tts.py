@@ -102,10 +102,18 @@ def build_tiny(folder: Path) -> None:
 
 
 def split_sentences(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
-    """Sentences of at most ``max_chars``; longer ones are cut at commas, then at spaces."""
+    """Sentences of at most ``max_chars``; longer ones are cut at commas, then at spaces.
+
+    A piece without letters ("1." of a numbered list) is joined to the sentence after it.
+    """
     pieces: list[str] = []
+    carry = ""
     for sentence in SENTENCE_END.split(text.strip()):
-        sentence = " ".join(sentence.split())
+        sentence = " ".join(f"{carry} {sentence}".split())
+        carry = ""
+        if sentence and not re.search(r"[^\W\d_]", sentence):
+            carry = sentence
+            continue
         while len(sentence) > max_chars:
             window = sentence[:max_chars]
             cut = max(window.rfind(", "), window.rfind("，"))
@@ -115,6 +123,8 @@ def split_sentences(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
             sentence = sentence[cut:].strip()
         if sentence:
             pieces.append(sentence)
+    if carry:
+        pieces.append(carry)
     return pieces
 
 
