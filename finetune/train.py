@@ -91,7 +91,7 @@ def load_base(config: RunConfig, catalog, settings, device: str):
 
     from finetune.data import load_text_processor
     from models.families import resolve_location
-    from models.quantization import choose, transformers_kwargs
+    from models.quantization import choose, fit_4bit_for_cpu, transformers_kwargs
 
     spec = catalog.get(config.base_model)
     requested = {"nf4": "nf4", "int8": "int8"}.get(config.quantization, "bf16" if device == "cuda" else "fp32")
@@ -105,6 +105,8 @@ def load_base(config: RunConfig, catalog, settings, device: str):
     model = auto.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
+    elif device == "cpu":
+        fit_4bit_for_cpu(model, training=True)
     return model, processor, is_vlm, precision
 
 

@@ -419,3 +419,24 @@ def test_cuda_memory_returns_to_baseline_after_unload(tmp_path, catalog, quant):
     manager.unload("smollm2-135m")
     assert torch.cuda.memory_allocated() - baseline <= CUDA_LEAK_TOLERANCE
     assert manager.leaks == []
+
+
+def test_tiny_vlm_in_4bit_answers_on_cpu(manager):
+    """NF4 on CPU: bitsandbytes' AVX512-BF16 repacking is kept off the layers it cannot repack.
+
+    tiny-vlm has 32-wide layers, narrower than a quantization block; on CPUs with AVX512-BF16 a
+    repacked one fails at the first forward ("shape '[32, 0]' is invalid").
+    """
+    from bitsandbytes.nn import Linear4bit
+    from PIL import Image
+
+    from models.families import vlm
+    from models.generation import GenerationParams
+
+    with manager.use("tiny-vlm", "nf4") as handle:
+        layers = [m for m in handle.model.modules() if isinstance(m, Linear4bit)]
+        assert any(m.in_features % 64 for m in layers), "the twin no longer has narrow 4-bit layers"
+        assert not [m for m in layers if m.support_avx512bf16_for_cpu and m.in_features % 64]
+        answer = list(vlm.answer(handle, Image.new("RGB", (40, 40), "red"), "What colour?",
+                                 GenerationParams(max_new_tokens=4, temperature=0.0)))
+    assert answer and manager.snapshot()[0]["precision"] == "nf4"

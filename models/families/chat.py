@@ -9,7 +9,7 @@ from pathlib import Path
 
 from models.catalog import ModelSpec
 from models.generation import GenerationParams, StreamStats, stream_generate
-from models.quantization import Precision, transformers_kwargs
+from models.quantization import Precision, fit_4bit_for_cpu, transformers_kwargs
 
 ROLES = ("system", "user", "assistant")
 
@@ -35,6 +35,8 @@ def load(spec: ModelSpec, location: str, precision: Precision) -> ChatHandle:
     model = AutoModelForCausalLM.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **kwargs)
     if "quantization_config" not in kwargs:
         model.to(precision.device)
+    elif precision.device == "cpu":
+        fit_4bit_for_cpu(model)
     model.eval()
     if tokenizer.chat_template is None:
         raise ValueError(f"{spec.id} has no chat template; it is not an instruct/chat model")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from models.catalog import ModelSpec
 from models.generation import GenerationParams, StreamStats, stream_generate
-from models.quantization import Precision, transformers_kwargs
+from models.quantization import Precision, fit_4bit_for_cpu, transformers_kwargs
 
 ROLES = ("user", "assistant")
 BUSY_TIMEOUT = 120.0
@@ -61,6 +61,8 @@ def load(spec: ModelSpec, location: str, precision: Precision) -> VLMHandle:
     model = AutoModelForImageTextToText.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **kwargs)
     if "quantization_config" not in kwargs:
         model.to(precision.device)
+    elif precision.device == "cpu":
+        fit_4bit_for_cpu(model)
     model.eval()
     if getattr(processor, "chat_template", None) is None:
         template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
