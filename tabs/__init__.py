@@ -18,9 +18,10 @@ TITLE = "Multimodal Workbench"
 def offline_banner(settings) -> str:
     if not settings.offline:
         return ""
-    return (f"**Offline mode** — {settings.offline_reason}. Each tab preselects a model that works "
-            "offline (`tiny-*` models have random weights, for smoke tests; `smollm2-135m` is a real "
-            "chat model). Hub models work only if they are already in the local cache.")
+    return (f"**Offline mode** — {settings.offline_reason}. Each tab preselects a model that works offline. "
+            "Real models: `whisper-tiny.en` and `whisper-base` (speech), `smollm2-135m` (chat), `piper-joe` "
+            "(voice). `tiny-*` models have random weights, for smoke tests: their outputs are noise (VQA and "
+            "text to image have only these offline). Hub models work only if they are already in the local cache.")
 
 
 def build_app(manager, settings) -> gr.Blocks:

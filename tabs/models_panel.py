@@ -10,6 +10,7 @@ import gradio as gr
 from tabs.common import user_errors
 
 COLUMNS = ["id", "task", "device", "precision", "size (MB)", "load (s)", "last used", "in use"]
+PREP_COLUMNS = ["id", "first-use preparation", "seconds", "message"]
 REFRESH_SECONDS = 3
 
 
@@ -19,6 +20,10 @@ def snapshot_rows(snapshot: list[dict]) -> list[list]:
          datetime.datetime.fromtimestamp(m["last_used"]).strftime("%H:%M:%S"), "yes" if m["pinned"] else ""]
         for m in snapshot
     ]
+
+
+def preparation_rows(snapshot: list[dict]) -> list[list]:
+    return [[p["id"], p["state"], p["seconds"] or "", p["message"][:200]] for p in snapshot]
 
 
 def budget_meter_html(used: int, budget: int) -> str:
@@ -53,7 +58,8 @@ def build(manager, settings) -> None:
         snap = manager.snapshot()
         ids = [m["id"] for m in snap]
         return (snapshot_rows(snap), budget_meter_html(manager.used_bytes(), manager.budget),
-                gr.update(choices=ids, value=ids[0] if ids else None))
+                gr.update(choices=ids, value=ids[0] if ids else None),
+                preparation_rows(manager.preparation.snapshot()))
 
     with gr.Row():
         meter = gr.HTML(budget_meter_html(0, manager.budget), elem_id="budget-meter")
@@ -64,9 +70,12 @@ def build(manager, settings) -> None:
         unload_btn = gr.Button("Unload", scale=1)
         unload_all_btn = gr.Button("Unload all", variant="stop", scale=1, elem_id="unload-all")
     status = gr.Markdown(elem_id="models-status")
+    prepared = gr.Dataframe(headers=PREP_COLUMNS, value=preparation_rows(manager.preparation.snapshot()),
+                            interactive=False, elem_id="models-preparation",
+                            label="Offline models: one-time preparation (build or convert into the cache)")
     timer = gr.Timer(REFRESH_SECONDS)
 
-    timer.tick(refresh, outputs=[table, meter, choice], show_progress="hidden", api_visibility="private",
+    timer.tick(refresh, outputs=[table, meter, choice, prepared], show_progress="hidden", api_visibility="private",
                queue=False)
     @user_errors
     def unload(model_id: str) -> str:
@@ -74,9 +83,9 @@ def build(manager, settings) -> None:
         return unload_message(manager, model_id)
 
     unload_btn.click(unload, inputs=choice, outputs=status, api_name="unload").then(
-        refresh, outputs=[table, meter, choice], api_visibility="private")
+        refresh, outputs=[table, meter, choice, prepared], api_visibility="private")
     unload_all_btn.click(lambda: unload_all_message(manager), outputs=status, api_name="unload_all").then(
-        refresh, outputs=[table, meter, choice], api_visibility="private")
+        refresh, outputs=[table, meter, choice, prepared], api_visibility="private")
 
     def models() -> dict:
         """Loaded models (id, task, device, precision, bytes, load seconds, last use, pinned) and budget."""

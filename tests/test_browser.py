@@ -1,10 +1,11 @@
 """Browser walk through every tab on the offline models, in Debian's Chromium driven by Playwright.
 
 Asks a question about an example image, generates an image, sends a typed message and an uploaded
-audio file to the voice assistant, validates a dataset and runs a two-step training, then unloads
-everything from the Models tab. Each step asserts on what the page shows and takes a screenshot of
-its tab; with WORKBENCH_SCREENSHOTS=1 they are saved into docs/screenshots/<tab>.png (used by the
-README), otherwise into the system's temporary folder, so a test run leaves the repository unchanged.
+audio file (the question, spoken by the offline Piper voice) to the voice assistant, validates a
+dataset and runs a two-step training, then unloads everything from the Models tab. Each step asserts
+on what the page shows and takes a screenshot of its tab; with WORKBENCH_SCREENSHOTS=1 they are
+saved into docs/screenshots/<tab>.png (used by the README), otherwise into the system's temporary
+folder, so a test run leaves the repository unchanged.
 """
 
 from __future__ import annotations
@@ -101,32 +102,38 @@ def walk_text_to_image(page) -> None:
     screenshot(page, "text_to_image")
 
 
-def walk_voice(page, wav_path) -> None:
+def walk_voice(page, question_wav) -> None:
+    """The offline defaults are real: whisper-tiny.en hears, smollm2-135m answers, piper-joe speaks."""
     open_tab(page, "Voice assistant")
-    pick(page, "Chat model", "tiny-chat")  # the random-weight chat model keeps the walk fast
+    page.get_by_text("Reply", exact=True).click()  # the accordion: greedy decoding keeps the walk deterministic
+    set_number(page, "number input for Temperature", 0)
     page.get_by_label("…or type a message").fill("What is the capital of France?")
     page.get_by_role("button", name="Send", exact=True).click()
     chat_messages(page, "voice-chat", "bot").first.wait_for(timeout=MODEL_STEP_MS)
     page.locator("#voice-reply-audio audio").first.wait_for(timeout=MODEL_STEP_MS, state="attached")
     assert "capital of France" in chat_messages(page, "voice-chat", "user").first.inner_text()
-    assert chat_messages(page, "voice-chat", "bot").first.inner_text().strip()
+    assert "Paris" in chat_messages(page, "voice-chat", "bot").first.inner_text()
+    assert "First audio" in page.locator("#voice-timings").inner_text()
+    if page.locator("#voice-reply-stream").is_visible():  # ffmpeg present: the reply was streamed as spoken
+        page.locator("#voice-reply-stream audio").first.wait_for(state="attached")
 
-    # An uploaded audio file: tiny-whisper transcribes it (random weights: any text), the bot replies.
-    users_before = chat_messages(page, "voice-chat", "user").count()
-    bots_before = chat_messages(page, "voice-chat", "bot").count()
+    # The same question in a new conversation, spoken by the offline voice into a file and uploaded
+    page.get_by_role("button", name="Clear conversation").click()
+    page.wait_for_function("() => !document.querySelector('#voice-chat [data-testid=\"bot\"]')")
+    bots_before = 0
     audio_block = page.locator(".block", has_text="Speak or upload audio").last
     audio_block.get_by_role("button", name="Upload file").click()
-    audio_block.locator("input[type=file]").set_input_files(str(wav_path))
+    audio_block.locator("input[type=file]").set_input_files(str(question_wav))
     audio_block.locator("audio").first.wait_for(state="attached")
     page.get_by_role("button", name="Send", exact=True).click()
     page.wait_for_function(
         f"() => document.querySelectorAll('#voice-chat [data-testid=\"bot\"]').length > {bots_before}",
         timeout=MODEL_STEP_MS)
     audio_block.locator("audio").first.wait_for(state="detached", timeout=MODEL_STEP_MS)  # cleared when the turn ends
-    assert chat_messages(page, "voice-chat", "user").count() > users_before
     transcript = page.locator("#voice-transcript textarea").input_value()
-    assert transcript.strip(), "the uploaded audio was not transcribed"
+    assert "capital of france" in transcript.lower(), transcript
     assert transcript.strip()[:20] in chat_messages(page, "voice-chat", "user").last.inner_text()
+    assert "Paris" in chat_messages(page, "voice-chat", "bot").last.inner_text()
     screenshot(page, "voice")
 
 
@@ -201,19 +208,13 @@ def browser_page():
 
 @pytest.fixture(scope="module")
 def walk_files(tmp_path_factory):
-    import numpy as np
-    import soundfile
-
     folder = tmp_path_factory.mktemp("walk")
-    wav = folder / "hello.wav"
-    seconds = np.arange(16000) / 16000
-    soundfile.write(wav, (0.3 * np.sin(2 * np.pi * 330 * seconds)).astype("float32"), 16000)
     dataset = folder / "capitals.jsonl"
     rows = [{"instruction": f"What is the capital of {country}?", "output": capital}
             for country, capital in [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"),
                                      ("Japan", "Tokyo"), ("China", "Beijing"), ("Peru", "Lima")]]
     dataset.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return wav, dataset
+    return dataset
 
 
 @pytest.fixture(scope="module")
@@ -237,12 +238,17 @@ def test_walk_text_to_image(opened):
     walk_text_to_image(opened[0])
 
 
-def test_walk_voice(opened, walk_files):
-    walk_voice(opened[0], walk_files[0])
+def test_walk_voice(opened, tmp_path):
+    from models import voice
+    from models.audio import write_wav
+
+    (rate, samples), _ = voice.speak_text(opened[1], "What is the capital of France?", model="piper-joe")
+    question = write_wav(tmp_path / "question.wav", samples / 32767, rate)
+    walk_voice(opened[0], question)
 
 
 def test_walk_finetune(opened, walk_files):
-    walk_finetune(opened[0], walk_files[1])
+    walk_finetune(opened[0], walk_files)
 
 
 def test_walk_models_unload_all(opened):

@@ -45,9 +45,10 @@ def test_offline_defaults_per_task(catalog):
         assert not online_default.works_offline, task
     assert catalog.default_for("vqa", offline=True) == "tiny-vlm"
     assert catalog.default_for("text-to-image", offline=True) == "tiny-sd"
-    assert catalog.default_for("speech-to-text", offline=True) == "tiny-whisper"
-    assert catalog.default_for("text-to-speech", offline=True) == "tiny-tts"
-    assert catalog.default_for("chat", offline=True) in ("smollm2-135m", "tiny-chat")
+    # Real packaged models, not the random tiny ones, where a package ships them
+    assert catalog.default_for("speech-to-text", offline=True) == "whisper-tiny.en"
+    assert catalog.default_for("text-to-speech", offline=True) == "piper-joe"
+    assert catalog.default_for("chat", offline=True) == "smollm2-135m"
 
 
 def test_tiny_models_are_labelled_as_random(catalog):
