@@ -266,3 +266,22 @@ def test_speech_file_sample_rate_is_the_voices(real, tmp_path):
     path = say(manager, "One two three.", tmp_path / "count.wav")
     info = sf.info(path)
     assert info.samplerate == 22050 and 0.5 < info.duration < 4
+
+
+def test_stop_ends_the_text_and_the_speech(real):
+    """Closing the turn (what Stop and a closed page do) ends generation and speech at once, and unpins both."""
+    import time
+
+    manager, settings, _ = real
+    turn = voice.voice_turn(manager, settings, text="Write a long story about a brave little dragon who learns to fly.",
+                            chat_model="smollm2-135m", tts_model="piper-joe", temperature=0.0, max_new_tokens=600,
+                            system_prompt="")
+    for update in turn:
+        if update.audio_chunk is not None:
+            break
+    reply_at_stop = update.reply
+    started = time.perf_counter()
+    turn.close()
+    assert time.perf_counter() - started < 2.0, "generation went on after Stop"
+    assert not any(m["pinned"] for m in manager.snapshot())
+    assert update.reply == reply_at_stop and update.audio is None and len(reply_at_stop) < 1000
