@@ -10,6 +10,30 @@ import logging
 import sys
 
 log = logging.getLogger("workbench")
+MAX_LOG_LINE = 4000  # characters; a request that echoes a huge value must not write a huge log line
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class ShortLines(logging.Formatter):
+    """A formatter that cuts every line of a record (tracebacks included) to MAX_LOG_LINE characters."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return "\n".join(line if len(line) <= MAX_LOG_LINE else f"{line[:MAX_LOG_LINE]}… ({len(line):,} characters)"
+                         for line in text.split("\n"))
+
+
+def configure_logging(settings) -> None:
+    """INFO to stderr and to <cache-dir>/logs/workbench.log (rotated at 5 MB, 3 kept), lines cut short."""
+    from logging.handlers import RotatingFileHandler
+
+    folder = settings.cache_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(), RotatingFileHandler(folder / "workbench.log", maxBytes=5 * 1024**2,
+                                                             backupCount=3, encoding="utf-8")]
+    for handler in handlers:
+        handler.setFormatter(ShortLines(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
 
 
 def create(argv: list[str] | None = None):
@@ -48,8 +72,8 @@ def launch_kwargs(settings, manager) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, manager, demo = create(argv)
+    configure_logging(settings)
     if settings.host in ("0.0.0.0", "::") and not settings.auth:
         log.warning("binding %s without --auth: anyone on the network can use this workbench "
                     "and its models", settings.host)

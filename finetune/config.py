@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from models.errors import InvalidRequest
+
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 QUANTIZATIONS = ("nf4", "int8", "none")
 TRAINABLE_TASKS = ("chat", "vqa")
@@ -131,7 +133,7 @@ class RunConfig:
                 problems.append(f"{self.base_model} is a {catalog.get(self.base_model).task} model; "
                                 "fine-tuning supports chat and VQA models")
         if problems:
-            raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
+            raise InvalidRequest("Invalid training config: " + "; ".join(problems) + ".")
         return self
 
     # ---- (de)serialisation --------------------------------------------------------------------
@@ -156,22 +158,22 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
         if not isinstance(raw, dict):
-            raise ValueError(f"config must be a mapping of settings, got {type(raw).__name__}")
+            raise InvalidRequest(f"config must be a mapping of settings, got {type(raw).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - fields)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(fields)}")
+            raise InvalidRequest(f"unknown config keys {unknown}; allowed: {sorted(fields)}")
         return cls(**raw)
 
     @classmethod
     def from_text(cls, text: str) -> RunConfig:
         """Parse YAML (JSON is valid YAML) text into a config."""
         if not isinstance(text, str):
-            raise ValueError("config must be YAML text or a JSON object")
+            raise InvalidRequest("config must be YAML text or a JSON object")
         try:
             raw = yaml.safe_load(text) if text.strip() else {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"config is not valid YAML: {exc}") from None
+            raise InvalidRequest(f"config is not valid YAML: {exc}") from None
         return cls.from_dict(raw or {})
 
     @classmethod
@@ -179,7 +181,7 @@ class RunConfig:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ValueError(f"cannot read config {path}: {exc.strerror}") from None
+            raise InvalidRequest(f"cannot read config {path}: {exc.strerror}") from None
         return cls.from_text(text)
 
 
@@ -199,12 +201,12 @@ def parse_config(value) -> RunConfig:
         return RunConfig.from_text(value)
     if value is None:
         return RunConfig()
-    raise ValueError(f"config must be YAML text or a JSON object, got {type(value).__name__}")
+    raise InvalidRequest(f"config must be YAML text or a JSON object, got {type(value).__name__}")
 
 
 def with_preset(config: RunConfig, preset: str) -> RunConfig:
     if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        raise InvalidRequest(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     return dataclasses.replace(config, **PRESETS[preset])
 
 

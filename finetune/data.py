@@ -21,6 +21,8 @@ import stat
 import zipfile
 from pathlib import Path
 
+from models.errors import InvalidRequest
+
 FORMATS = ("vqa", "instruction", "chat")
 ROLES = ("system", "user", "assistant")
 MAX_PROBLEMS_LISTED = 200
@@ -62,7 +64,7 @@ class ParsedDataset:
         return not self.problems and bool(self.examples)
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidRequest):
     """The dataset has problems; ``problems`` lists them with line numbers."""
 
     def __init__(self, problems: list[Problem], total: int | None = None):
@@ -80,7 +82,7 @@ def prepare_dataset(upload: str | Path, dest: Path, max_bytes: int = MAX_ZIP_BYT
     """Copy a ``.jsonl`` or safely extract a ``.zip`` into ``dest``; return the JSONL path inside it."""
     upload = Path(upload)
     if not upload.is_file():
-        raise ValueError(f"dataset file {upload.name!r} does not exist; upload a .jsonl or .zip file")
+        raise InvalidRequest(f"dataset file {upload.name!r} does not exist; upload a .jsonl or .zip file")
     dest.mkdir(parents=True, exist_ok=True)
     suffix = upload.suffix.lower()
     if suffix == ".jsonl":
@@ -89,7 +91,7 @@ def prepare_dataset(upload: str | Path, dest: Path, max_bytes: int = MAX_ZIP_BYT
         return target
     if suffix == ".zip":
         return extract_zip(upload, dest, max_bytes=max_bytes, max_files=max_files)
-    raise ValueError(f"dataset must be a .jsonl file or a .zip holding one, got {upload.name!r}")
+    raise InvalidRequest(f"dataset must be a .jsonl file or a .zip holding one, got {upload.name!r}")
 
 
 def extract_zip(archive: Path, dest: Path, max_bytes: int = MAX_ZIP_BYTES, max_files: int = MAX_ZIP_FILES) -> Path:
@@ -100,27 +102,27 @@ def extract_zip(archive: Path, dest: Path, max_bytes: int = MAX_ZIP_BYTES, max_f
             members = [m for m in bundle.infolist() if not m.filename.startswith(IGNORED_ZIP_PREFIXES)]
             files = [m for m in members if not m.is_dir()]
             if len(files) > max_files:
-                raise ValueError(f"the zip holds {len(files)} files; at most {max_files} are accepted")
+                raise InvalidRequest(f"the zip holds {len(files)} files; at most {max_files} are accepted")
             total = sum(m.file_size for m in files)
             if total > max_bytes:
-                raise ValueError(f"the zip unpacks to {total / 1024**2:.0f} MB; at most "
+                raise InvalidRequest(f"the zip unpacks to {total / 1024**2:.0f} MB; at most "
                                  f"{max_bytes / 1024**2:.0f} MB are accepted")
             for member in members:
                 target = (root / member.filename).resolve()
                 if member.filename.startswith(("/", "\\")) or (target != root and root not in target.parents):
-                    raise ValueError(f"zip entry {member.filename!r} points outside the dataset folder")
+                    raise InvalidRequest(f"zip entry {member.filename!r} points outside the dataset folder")
                 if stat.S_ISLNK(member.external_attr >> 16):
-                    raise ValueError(f"zip entry {member.filename!r} is a symbolic link; links are not accepted")
+                    raise InvalidRequest(f"zip entry {member.filename!r} is a symbolic link; links are not accepted")
             for member in members:
                 bundle.extract(member, root)
     except zipfile.BadZipFile as exc:
-        raise ValueError(f"{archive.name} is not a valid zip file: {exc}") from None
+        raise InvalidRequest(f"{archive.name} is not a valid zip file: {exc}") from None
     jsonl = sorted(p for p in root.rglob("*.jsonl") if "__MACOSX" not in p.parts)
     if not jsonl:
-        raise ValueError("the zip holds no .jsonl file; put the dataset's JSONL next to its images")
+        raise InvalidRequest("the zip holds no .jsonl file; put the dataset's JSONL next to its images")
     if len(jsonl) > 1:
         names = ", ".join(str(p.relative_to(root)) for p in jsonl)
-        raise ValueError(f"the zip holds several .jsonl files ({names}); keep exactly one")
+        raise InvalidRequest(f"the zip holds several .jsonl files ({names}); keep exactly one")
     return jsonl[0]
 
 
@@ -232,7 +234,7 @@ def parse_dataset(path: Path) -> ParsedDataset:
     try:
         raw_lines = path.read_bytes().splitlines()
     except OSError as exc:
-        raise ValueError(f"cannot read dataset {path.name}: {exc.strerror}") from None
+        raise InvalidRequest(f"cannot read dataset {path.name}: {exc.strerror}") from None
     for number, raw in enumerate(raw_lines, start=1):
         try:
             text = raw.decode("utf-8")
@@ -339,7 +341,7 @@ def encode_example(example: Example, processor, max_length: int, is_vlm: bool) -
     (tokens before the first answer), ``tokens`` (before truncation) and ``truncated``.
     """
     if example.image is not None and not is_vlm:
-        raise ValueError(f"line {example.line}: image rows need a VQA model; choose one of the vqa models")
+        raise InvalidRequest(f"line {example.line}: image rows need a VQA model; choose one of the vqa models")
     messages = example.messages if is_vlm else _text_only(example.messages)
     image = example.image
     full_ids, pixel_values = _ids(processor, _render(processor, messages, False), image, is_vlm)
@@ -351,7 +353,7 @@ def encode_example(example: Example, processor, max_length: int, is_vlm: bool) -
         before, _ = _ids(processor, _render(processor, messages[:index], True), image, is_vlm)
         through, _ = _ids(processor, _render(processor, messages[:index + 1], False), image, is_vlm)
         if full_ids[:len(through)] != through or through[:len(before)] != before:
-            raise ValueError(f"line {example.line}: the model's chat template does not render turns as a "
+            raise InvalidRequest(f"line {example.line}: the model's chat template does not render turns as a "
                              "stable prefix, so answer tokens cannot be located")
         labels[len(before):len(through)] = full_ids[len(before):len(through)]
         if prompt_tokens is None:
@@ -378,7 +380,7 @@ def encode_all(examples: list[Example], processor, max_length: int, is_vlm: bool
                                                   f"{max_length}: no answer token would be trained"))
         encoded.append(item)
     if too_long:
-        raise ValueError(f"max_length {max_length} is below the prompt length of {len(too_long)} row(s) "
+        raise InvalidRequest(f"max_length {max_length} is below the prompt length of {len(too_long)} row(s) "
                          f"(longest prompt {max(e['prompt_tokens'] for e in encoded)} tokens); raise max_length. "
                          + "; ".join(str(p) for p in too_long[:5]))
     return encoded

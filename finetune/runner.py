@@ -20,6 +20,7 @@ from pathlib import Path
 
 from finetune.config import RunConfig, cli_command, parse_config
 from finetune.data import DatasetError, parse_dataset, prepare_dataset
+from models.errors import Busy, InvalidRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVE_STATES = ("starting", "running", "stopping", "finishing")
@@ -27,7 +28,7 @@ LOG_TAIL_LINES = 12
 STOP_GRACE_SECONDS = 60
 
 
-class RunBusyError(RuntimeError):
+class RunBusyError(Busy):
     """A training run is already in progress."""
 
 
@@ -148,7 +149,7 @@ class TrainingRunner:
         """Validate config and dataset and write the run folder; (config, run_id, run_dir)."""
         config = parse_config(config).validate(self.catalog)
         if dataset is None or (isinstance(dataset, str) and not dataset.strip()):
-            raise ValueError("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
+            raise InvalidRequest("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
         run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         run_dir = self.settings.runs_dir / run_id
         data_path = prepare_dataset(Path(dataset), run_dir / "data",
@@ -157,7 +158,7 @@ class TrainingRunner:
         if parsed.problems:
             raise DatasetError(parsed.problems)
         if parsed.format == "vqa" and self.catalog.get(config.base_model).family != "vlm":
-            raise ValueError(f"{config.base_model} is a text model but the dataset has images; choose a VQA model")
+            raise InvalidRequest(f"{config.base_model} is a text model but the dataset has images; choose a VQA model")
         self._check_prompts_fit(parsed, config)
         config = dataclasses.replace(
             config, dataset=str(data_path), run_dir=str(run_dir), cache_dir=str(self.settings.cache_dir),
@@ -182,7 +183,7 @@ class TrainingRunner:
                 config_path = run_dir / "config.yaml"
                 args = ["--resume", "latest"]
                 if not list((run_dir / "checkpoints").glob("checkpoint-*")):
-                    raise ValueError(f"run {run_id} has no checkpoint to resume from")
+                    raise InvalidRequest(f"run {run_id} has no checkpoint to resume from")
             else:
                 _, run_id, run_dir = self.prepare(dataset, config)
                 config_path, args = run_dir / "config.yaml", []
@@ -206,7 +207,7 @@ class TrainingRunner:
         from finetune.data import load_text_processor, validate
 
         if dataset is None or (isinstance(dataset, str) and not dataset.strip()):
-            raise ValueError("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
+            raise InvalidRequest("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
         probe = RunConfig(base_model=base_model, max_length=max_length, val_fraction=val_fraction, seed=seed)
         probe.validate(self.catalog)
         folder = self.settings.cache_dir / "validation" / secrets.token_hex(6)
@@ -248,11 +249,11 @@ class TrainingRunner:
 
     def _run_dir(self, run_id) -> Path:
         if not isinstance(run_id, str) or not run_id.strip():
-            raise ValueError("run_id is required (the value /finetune_start returned)")
+            raise InvalidRequest("run_id is required (the value /finetune_start returned)")
         root = self.settings.runs_dir.resolve()
         run_dir = (root / run_id).resolve()
         if run_dir.parent != root or not (run_dir / "config.yaml").is_file():
-            raise ValueError(f"Unknown run {run_id!r}")
+            raise InvalidRequest(f"Unknown run {run_id!r}")
         return run_dir
 
     def status(self, run_id: str) -> dict:

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from finetune.config import ALL_LINEAR, RunConfig
+from models.errors import InvalidRequest
 
 # Parts of a multimodal model that stay frozen: only the language model gets LoRA.
 FROZEN_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "visual", "image_newline", "lm_head",
@@ -72,7 +73,7 @@ def target_modules_pattern(model, wanted: str | list[str]) -> str:
     else:
         leaves = sorted({str(name).strip() for name in wanted})
     if not leaves:
-        raise ValueError("no linear layer of the language model matches target_modules")
+        raise InvalidRequest("no linear layer of the language model matches target_modules")
     frozen = "|".join(FROZEN_PARTS)
     return rf"^(?!.*(?:{frozen})).*\.(?:{'|'.join(re.escape(leaf) for leaf in leaves)})$"
 
@@ -343,7 +344,7 @@ def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, re
     if resume:
         checkpoint = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
         if checkpoint is None or not checkpoint.is_dir():
-            raise ValueError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
+            raise InvalidRequest(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
         log.write("resuming", checkpoint=str(checkpoint))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models.errors import InvalidRequest
+
 NONE = "none"
 
 
@@ -38,17 +40,17 @@ def resolve(adapters_dir: Path, name: str | None, base_model: str) -> Path | Non
     if name is None or name == "" or name == NONE:
         return None
     if not isinstance(name, str):
-        raise ValueError(f"adapter must be a name, got {type(name).__name__}")
+        raise InvalidRequest(f"adapter must be a name, got {type(name).__name__}")
     root = adapters_dir.resolve()
     folder = (root / name).resolve()
     if folder.parent != root:
-        raise ValueError(f"adapter {name!r} is not a folder name inside the adapters folder")
+        raise InvalidRequest(f"adapter {name!r} is not a folder name inside the adapters folder")
     if not (folder / "adapter_config.json").is_file():
         known = ", ".join(list_adapters(adapters_dir)) or "none saved yet"
-        raise ValueError(f"Unknown adapter {name!r}. Saved adapters: {known}")
+        raise InvalidRequest(f"Unknown adapter {name!r}. Saved adapters: {known}")
     base = adapter_base(folder)
     if base is not None and base != base_model:
-        raise ValueError(f"adapter {name!r} was trained on {base}, not on {base_model}")
+        raise InvalidRequest(f"adapter {name!r} was trained on {base}, not on {base_model}")
     return folder
 
 

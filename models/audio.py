@@ -14,6 +14,8 @@ import os
 import warnings
 from pathlib import Path
 
+from models.errors import InvalidRequest
+
 log = logging.getLogger(__name__)
 
 TARGET_RATE = 16_000
@@ -50,14 +52,14 @@ class AudioClip:
 
 def _checked_path(path) -> Path:
     if path is None or (isinstance(path, str) and not path.strip()):
-        raise ValueError("No audio: record with the microphone, upload a file, or type a message.")
+        raise InvalidRequest("No audio: record with the microphone, upload a file, or type a message.")
     if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"audio must be a file path, got {type(path).__name__}")
+        raise InvalidRequest(f"audio must be a file path, got {type(path).__name__}")
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"Audio file {file.name!r} does not exist.")
+        raise InvalidRequest(f"Audio file {file.name!r} does not exist.")
     if file.stat().st_size == 0:
-        raise ValueError(f"Audio file {file.name!r} is empty (0 bytes); record or upload again.")
+        raise InvalidRequest(f"Audio file {file.name!r} is empty (0 bytes); record or upload again.")
     return file
 
 
@@ -78,13 +80,13 @@ def _decode(file: Path, max_seconds: float):
         info = None
     if info is not None:
         if info.samplerate <= 0 or info.frames <= 0:
-            raise ValueError(f"Audio file {file.name!r} holds no samples; record or upload again.")
+            raise InvalidRequest(f"Audio file {file.name!r} holds no samples; record or upload again.")
         if info.frames / info.samplerate > max_seconds:
             raise _too_long(info.frames / info.samplerate, max_seconds)
         try:
             samples, rate = sf.read(str(file), dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as exc:
-            raise ValueError(f"Audio file {file.name!r} is damaged and cannot be decoded ({exc}).") from exc
+            raise InvalidRequest(f"Audio file {file.name!r} is damaged and cannot be decoded ({exc}).") from exc
         return samples, int(rate)
     import librosa
 
@@ -94,7 +96,7 @@ def _decode(file: Path, max_seconds: float):
             samples, rate = librosa.load(str(file), sr=None, mono=False, duration=max_seconds + 1.0,
                                          dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - audioread raises many unrelated types for non-audio input
-        raise ValueError(f"{file.name!r} cannot be decoded: it is damaged or not audio. "
+        raise InvalidRequest(f"{file.name!r} cannot be decoded: it is damaged or not audio. "
                          f"Use {FORMATS_HINT}.") from exc
     samples = np.atleast_2d(samples).T if samples.ndim == 1 else samples.T
     if len(samples) / rate > max_seconds:
@@ -111,17 +113,17 @@ def clean(samples, rate: int, target_rate: int = TARGET_RATE, what: str = "The r
     if samples.ndim == 2:
         samples = samples.mean(axis=1)
     if samples.size == 0:
-        raise ValueError(f"{what} is empty; record or upload again.")
+        raise InvalidRequest(f"{what} is empty; record or upload again.")
     if not np.all(np.isfinite(samples)):
-        raise ValueError(f"{what} contains invalid (NaN or infinite) samples.")
+        raise InvalidRequest(f"{what} contains invalid (NaN or infinite) samples.")
     peak = float(np.max(np.abs(samples)))
     if peak < SILENCE_PEAK:
-        raise ValueError(f"{what} is silent; check the microphone and speak closer to it.")
+        raise InvalidRequest(f"{what} is silent; check the microphone and speak closer to it.")
     if rate != target_rate:
         samples = librosa.resample(samples, orig_sr=rate, target_sr=target_rate)
     trimmed, _ = librosa.effects.trim(samples, top_db=TRIM_TOP_DB)
     if len(trimmed) < MIN_SPEECH_SECONDS * target_rate:
-        raise ValueError(f"{what} has less than {MIN_SPEECH_SECONDS} s of sound once silence is trimmed.")
+        raise InvalidRequest(f"{what} has less than {MIN_SPEECH_SECONDS} s of sound once silence is trimmed.")
     trimmed = trimmed * (PEAK_LEVEL / float(np.max(np.abs(trimmed))))
     return trimmed.astype(np.float32)
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from models.errors import InvalidRequest
+
 TASKS = ("vqa", "text-to-image", "speech-to-text", "chat", "text-to-speech")
 FAMILIES = ("vlm", "diffusion", "asr", "chat", "tts", "piper")
 SOURCES = ("hub", "local", "offline", "package", "coqui")
@@ -24,7 +26,7 @@ BYTES_PER_PARAM = {"nf4": 0.56, "int8": 1.05, "fp16": 2.0, "bf16": 2.0, "fp32": 
 OFFLINE_SOURCES = ("offline", "package", "local")
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(InvalidRequest):
     """Raised for a model id that is not in the catalog."""
 
 

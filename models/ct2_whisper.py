@@ -29,6 +29,8 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.errors import InvalidRequest
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -45,7 +47,7 @@ SAMPLE_RATE = 16_000
 _GELU = 3
 
 
-class Ct2FormatError(ValueError):
+class Ct2FormatError(InvalidRequest):
     """A CTranslate2 ``model.bin`` is truncated, corrupt, or not a Whisper model this reader knows."""
 
 

@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from models.errors import InvalidRequest
+
 JOIN_TIMEOUT = 30.0
 
 
@@ -29,12 +31,12 @@ class GenerationParams:
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or not 1 <= self.max_new_tokens <= self.MAX_NEW_TOKENS:
-            raise ValueError(f"max_new_tokens must be a whole number from 1 to {self.MAX_NEW_TOKENS}, "
+            raise InvalidRequest(f"max_new_tokens must be a whole number from 1 to {self.MAX_NEW_TOKENS}, "
                              f"got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature!r}")
+            raise InvalidRequest(f"temperature must be between 0 and 2, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be above 0 and at most 1, got {self.top_p!r}")
+            raise InvalidRequest(f"top_p must be above 0 and at most 1, got {self.top_p!r}")
 
     def generate_kwargs(self) -> dict:
         sample = self.temperature > 0

@@ -11,6 +11,8 @@ import math
 import os
 from pathlib import Path
 
+from models.errors import InvalidRequest
+
 # Larger images are downscaled (with a notice); the processors resize to a few hundred pixels anyway.
 DEFAULT_MAX_PIXELS = 4_000_000
 # Anything above this is refused before decoding: a tiny file can declare a huge canvas (a
@@ -38,19 +40,19 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[object, li
     from PIL import Image
 
     if not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive whole number, got {max_pixels!r}")
+        raise InvalidRequest(f"max_pixels must be a positive whole number, got {max_pixels!r}")
     if isinstance(source, Image.Image):
         return _prepare(source, max_pixels, name="the image")
     if source is None or (isinstance(source, str) and not source.strip()):
-        raise ValueError("No image given. Upload, paste or capture an image first.")
+        raise InvalidRequest("No image given. Upload, paste or capture an image first.")
     if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(f"image must be a file path or a PIL image, got {type(source).__name__}")
+        raise InvalidRequest(f"image must be a file path or a PIL image, got {type(source).__name__}")
     path = Path(source)
     name = path.name
     if not path.is_file():
-        raise ValueError(f"Image file {name!r} does not exist.")
+        raise InvalidRequest(f"Image file {name!r} does not exist.")
     if path.stat().st_size == 0:
-        raise ValueError(f"{name!r} is an empty file (0 bytes), not an image.")
+        raise InvalidRequest(f"{name!r} is an empty file (0 bytes), not an image.")
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as exc:
@@ -58,10 +60,11 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[object, li
     except Image.UnidentifiedImageError as exc:
         size = _declared_size(path)
         if size is not None and 0 in size:
-            raise ValueError(f"{name!r} has a side of 0 pixels ({size[0]}x{size[1]}); it holds no picture.") from exc
-        raise ValueError(f"{name!r} is not an image file this app can read ({SUPPORTED_HINT}).") from exc
+            raise InvalidRequest(f"{name!r} has a side of 0 pixels ({size[0]}x{size[1]}); it holds no picture."
+                                 ) from exc
+        raise InvalidRequest(f"{name!r} is not an image file this app can read ({SUPPORTED_HINT}).") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{name!r} could not be opened as an image: {exc}") from exc
+        raise InvalidRequest(f"{name!r} could not be opened as an image: {exc}") from exc
     with image:
         return _prepare(image, max_pixels, name=repr(name))
 
@@ -93,7 +96,7 @@ def _prepare(image, max_pixels: int, name: str) -> tuple[object, list[str]]:
     # 1. Check the declared size before decoding anything.
     width, height = image.size
     if width <= 0 or height <= 0:
-        raise ValueError(f"{name} has a side of 0 pixels ({width}x{height}); it holds no picture.")
+        raise InvalidRequest(f"{name} has a side of 0 pixels ({width}x{height}); it holds no picture.")
     if width * height > MAX_DECODE_PIXELS:
         raise _bomb_error(name, (width, height))
     # 2. Animated images: answer about the first frame.
@@ -109,7 +112,7 @@ def _prepare(image, max_pixels: int, name: str) -> tuple[object, list[str]]:
     except Image.DecompressionBombError as exc:
         raise _bomb_error(name, (width, height)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ValueError(f"{name} is corrupt or truncated and cannot be decoded ({exc}). "
+        raise InvalidRequest(f"{name} is corrupt or truncated and cannot be decoded ({exc}). "
                          "Re-save or re-export it and try again.") from exc
     # 4. Orientation, then colour mode, then size.
     image = _apply_exif_orientation(image, notices)
@@ -210,7 +213,7 @@ def draw_example(name: str):
         draw.rectangle((28, 88, 228, 168), fill=(200, 20, 20))
         draw.text((128, 128), "STOP", fill="white", font=_example_font(44), anchor="mm")
     else:
-        raise ValueError(f"unknown example image {name!r}; known: {', '.join(n for n, _ in EXAMPLES)}")
+        raise InvalidRequest(f"unknown example image {name!r}; known: {', '.join(n for n, _ in EXAMPLES)}")
     return image
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 from models import memory, sources
 from models.catalog import Catalog, ModelSpec
+from models.errors import Busy, Unavailable
 from models.prepare import Preparation
 from models.quantization import Precision, choose
 from models.settings import Settings
@@ -26,19 +27,19 @@ log = logging.getLogger(__name__)
 CUDA_LEAK_TOLERANCE = 8 * 1024**2
 
 
-class ModelTooLargeError(RuntimeError):
+class ModelTooLargeError(Unavailable):
     """The model cannot fit in the memory budget even with everything else unloaded."""
 
 
-class BudgetBusyError(RuntimeError):
+class BudgetBusyError(Busy):
     """The model would fit, but models that are in use right now hold the budget."""
 
 
-class ModelBusyError(RuntimeError):
+class ModelBusyError(Busy):
     """An unload was asked for a model that a running call has pinned."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(Unavailable):
     """Loading failed; nothing was kept."""
 
 

@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 
+from models.errors import InvalidRequest
+
 log = logging.getLogger(__name__)
 
 
@@ -22,9 +24,9 @@ def resolve_device(requested: str) -> str:
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available on this machine")
+        raise InvalidRequest("--device cuda was requested but CUDA is not available on this machine")
     if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError("--device mps was requested but MPS is not available on this machine")
+        raise InvalidRequest("--device mps was requested but MPS is not available on this machine")
     if requested != "auto":
         return requested
     if torch.cuda.is_available():

@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from models.errors import InvalidRequest
+
 RECIPE_KEY = "workbench-recipe"
 RECIPE_FORMAT = "workbench-recipe/1"
 # Fields a recipe must hold to reproduce an image; the order is the order of the ``parameters`` text.
@@ -27,7 +29,7 @@ def make_recipe(**values) -> dict:
     """A recipe dict with every field in RECIPE_FIELDS (extra keys are kept)."""
     missing = [name for name in RECIPE_FIELDS if name not in values]
     if missing:
-        raise ValueError(f"recipe is missing {', '.join(missing)}")
+        raise InvalidRequest(f"recipe is missing {', '.join(missing)}")
     return {"format": RECIPE_FORMAT, **values}
 
 
@@ -87,36 +89,36 @@ def read_recipe(path: str | os.PathLike) -> dict:
     from PIL import Image, UnidentifiedImageError
 
     if path is None or str(path) == "":
-        raise ValueError("Drop a PNG made by the workbench to read its settings.")
+        raise InvalidRequest("Drop a PNG made by the workbench to read its settings.")
     path = Path(path)
     name = path.name
     try:
         with open(path, "rb") as handle:
             signature = handle.read(len(PNG_SIGNATURE))
     except OSError as exc:
-        raise ValueError(f"Cannot open {name}: {exc.strerror or exc}") from exc
+        raise InvalidRequest(f"Cannot open {name}: {exc.strerror or exc}") from exc
     if signature != PNG_SIGNATURE:
-        raise ValueError(f"{name} is not a PNG file. PNG Info reads the PNGs the workbench saves.")
+        raise InvalidRequest(f"{name} is not a PNG file. PNG Info reads the PNGs the workbench saves.")
     try:
         with Image.open(path) as image:
             image.load()  # reads every chunk, so a truncated or damaged file fails here
             text = dict(getattr(image, "text", {}) or {})
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{name} is a damaged PNG and cannot be read ({exc}).") from exc
+        raise InvalidRequest(f"{name} is a damaged PNG and cannot be read ({exc}).") from exc
     raw = text.get(RECIPE_KEY)
     if raw is None:
         hint = " It has generation 'parameters' from another tool, which the workbench does not import." \
             if "parameters" in text else ""
-        raise ValueError(f"{name} carries no workbench recipe: it was not made by the workbench, or its "
+        raise InvalidRequest(f"{name} carries no workbench recipe: it was not made by the workbench, or its "
                          f"metadata was removed.{hint}")
     try:
         recipe = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{name}: the workbench recipe in this PNG is damaged ({exc.msg}).") from exc
+        raise InvalidRequest(f"{name}: the workbench recipe in this PNG is damaged ({exc.msg}).") from exc
     found = recipe.get("format") if isinstance(recipe, dict) else type(recipe).__name__
     if found != RECIPE_FORMAT:
-        raise ValueError(f"{name}: unsupported recipe format {found!r}; this workbench reads {RECIPE_FORMAT}.")
+        raise InvalidRequest(f"{name}: unsupported recipe format {found!r}; this workbench reads {RECIPE_FORMAT}.")
     missing = [field for field in RECIPE_FIELDS if field not in recipe]
     if missing:
-        raise ValueError(f"{name}: the workbench recipe lacks {', '.join(missing)}.")
+        raise InvalidRequest(f"{name}: the workbench recipe lacks {', '.join(missing)}.")
     return recipe

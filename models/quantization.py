@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from models.errors import InvalidRequest
+
 BNB_QUANTS = ("nf4", "int8")
 
 
@@ -40,11 +42,11 @@ def choose(spec, device: str, requested: str | None = None) -> Precision:
     """Pick the precision for a spec on a device; ``requested`` overrides the catalog default."""
     name = requested or spec.default_quant(device)
     if name in BNB_QUANTS and device == "mps":
-        raise ValueError(f"{name} needs bitsandbytes, which does not support MPS; choose fp16 or fp32")
+        raise InvalidRequest(f"{name} needs bitsandbytes, which does not support MPS; choose fp16 or fp32")
     if name in ("fp16", "bf16") and device == "cpu":
         name = "fp32"  # half-precision matmuls are slow or missing on CPU
     if name in BNB_QUANTS and spec.family in ("asr", "tts", "piper"):
-        raise ValueError(f"{spec.id}: {spec.family} models are not quantized; choose fp16 or fp32")
+        raise InvalidRequest(f"{spec.id}: {spec.family} models are not quantized; choose fp16 or fp32")
     return Precision(name=name, device=device)
 
 
@@ -118,5 +120,5 @@ def diffusers_kwargs(precision: Precision) -> dict:
             components_to_quantize=["unet", "transformer", "text_encoder_2"],
         )
     elif precision.name == "int8":
-        raise ValueError("int8 is not offered for diffusion pipelines; choose nf4, fp16 or fp32")
+        raise InvalidRequest("int8 is not offered for diffusion pipelines; choose nf4, fp16 or fp32")
     return kwargs

@@ -7,6 +7,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from models.limits import Limits
+
 DEVICES = ("auto", "cuda", "cpu", "mps")
 TRUTHY = {"1", "true", "yes", "on"}
 
@@ -28,6 +30,8 @@ class Settings:
     max_upload_mb: int = 50
     models_dir: Path | None = None  # where built offline models live; cache_dir/offline-models by default
     preload: tuple[str, ...] = ()  # model ids (or "defaults") loaded in the background right after start-up
+    limits: Limits = dataclasses.field(default_factory=Limits)  # what one request may cost (models/limits.py)
+    retention_gb: float = 5.0  # generated files kept (outputs, finished runs, uploads); adapters are never removed
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -91,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML file with extra catalog entries (env WORKBENCH_MODELS_FILE)")
     parser.add_argument("--max-upload-mb", type=int, default=int(_env("WORKBENCH_MAX_UPLOAD_MB", "50")),
                         help="largest accepted upload in MB (env WORKBENCH_MAX_UPLOAD_MB, default 50)")
+    parser.add_argument("--max-call-seconds", type=float, default=None,
+                        help="wall-clock cap of one model call; past it the call stops as if Stop was pressed "
+                             "(env WORKBENCH_LIMIT_CALL_SECONDS, default 600)")
+    parser.add_argument("--retention-gb", type=float, default=float(_env("WORKBENCH_RETENTION_GB", "5")),
+                        help="GB of generated files kept (images, finished training runs, uploads); the oldest "
+                             "go first, adapters are never removed (env WORKBENCH_RETENTION_GB, default 5)")
     parser.add_argument("--preload", default=_env("WORKBENCH_PRELOAD", ""),
                         help="comma-separated model ids to load in the background right after start-up; "
                              "'defaults': the voice tab's speech, chat and voice models that work offline; "
@@ -103,6 +113,10 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     args = build_parser().parse_args(argv)
     if args.memory_budget <= 0:
         raise SystemExit("--memory-budget must be a positive number of GB")
+    if args.max_call_seconds is not None and args.max_call_seconds <= 0:
+        raise SystemExit("--max-call-seconds must be a positive number of seconds")
+    if args.retention_gb <= 0:
+        raise SystemExit("--retention-gb must be a positive number of GB")
     try:
         auth = parse_auth(args.auth)
     except ValueError as exc:  # a start-up mistake: a one-line message, not a traceback
@@ -124,6 +138,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         max_upload_mb=args.max_upload_mb,
         models_dir=Path(_env("WORKBENCH_MODELS_DIR")).expanduser().resolve() if _env("WORKBENCH_MODELS_DIR") else None,
         preload=tuple(part.strip() for part in args.preload.split(",") if part.strip()),
+        limits=Limits.from_env(call_seconds=args.max_call_seconds),
+        retention_gb=args.retention_gb,
     )
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.catalog import ModelSpec
+from models.errors import Unavailable
 from models.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ DONE_MARKER = ".complete"
 HASH_BLOCK = 1024 * 1024
 
 
-class ModelUnavailableError(ValueError):
+class ModelUnavailableError(Unavailable, ValueError):
     """The model's files cannot be had here (offline and not cached, missing folder, bad package...)."""
 
 

@@ -16,9 +16,10 @@ import time
 from collections.abc import Iterator
 
 from models.checks import check_number
+from models.errors import InvalidRequest
 
-DEFAULT_SYSTEM_PROMPT = ("You are a friendly voice assistant. Your replies are read aloud, so answer in one to three "
-                         "short, plain sentences, without lists, markdown, code or emoji.")
+# Tried on smollm2-135m: mentioning a "voice" assistant made it answer "Le Grand Paris is the capital of France".
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Your answers are read aloud: keep them short and plain."
 DEFAULT_MAX_NEW_TOKENS = 96
 MAX_NEW_TOKENS = 1024
 DEFAULT_TEMPERATURE = 0.3
@@ -74,7 +75,7 @@ class Timings:
 def check_model(manager, model_id, task: str) -> str:
     spec = manager.catalog.get(model_id)
     if spec.task != task:
-        raise ValueError(f"{model_id} is a {spec.task} model; choose one of: {', '.join(manager.catalog.ids(task))}")
+        raise InvalidRequest(f"{model_id} is a {spec.task} model; choose one of: {', '.join(manager.catalog.ids(task))}")
     return spec.id
 
 
@@ -82,19 +83,19 @@ def check_history(history) -> list[dict]:
     if history is None or history == "":
         return []
     if not isinstance(history, list):
-        raise ValueError("history must be a list of {role, content} messages")
+        raise InvalidRequest("history must be a list of {role, content} messages")
     clean = []
     for index, message in enumerate(history):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") \
                 or not isinstance(message.get("content"), str):
-            raise ValueError(f"history message {index} must be {{'role': 'user'|'assistant', 'content': text}}")
+            raise InvalidRequest(f"history message {index} must be {{'role': 'user'|'assistant', 'content': text}}")
         clean.append({"role": message["role"], "content": message["content"]})
     return clean
 
 
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise InvalidRequest(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
 
 
@@ -143,9 +144,9 @@ def chat_reply(manager, settings, message: str, history=None, model: str = "smol
 
     model = check_model(manager, model, "chat")
     if not isinstance(message, str) or not message.strip():
-        raise ValueError("Say or type a message first.")
+        raise InvalidRequest("Say or type a message first.")
     if system_prompt is not None and not isinstance(system_prompt, str):
-        raise ValueError("system_prompt must be text")
+        raise InvalidRequest("system_prompt must be text")
     params = GenerationParams(
         max_new_tokens=check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True),
         temperature=check_number("temperature", temperature, 0.0, 2.0))
@@ -307,13 +308,13 @@ def voice_turn(manager, settings, audio=None, text: str = "", history=None, asr_
         update.stage = "transcribing"
         transcript, seconds = transcribe_file(manager, audio, language, asr_model, task, timestamps, progress)
         if not transcript.text.strip():
-            raise ValueError("No speech was recognized in the recording; speak again or type the message.")
+            raise InvalidRequest("No speech was recognized in the recording; speak again or type the message.")
         update.transcript, update.segments = transcript.text, asr.format_segments(transcript.segments)
         update.timings.asr_seconds, update.timings.audio_in_seconds = seconds, transcript.audio_seconds
     elif isinstance(text, str) and text.strip():
         update.transcript = text.strip()
     else:
-        raise ValueError("No input: record with the microphone, upload an audio file, or type a message.")
+        raise InvalidRequest("No input: record with the microphone, upload an audio file, or type a message.")
     update.history = history + [{"role": "user", "content": update.transcript}]
     yield update
 

@@ -8,24 +8,32 @@ import logging
 
 import gradio as gr
 
+from models.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Events that run a model share one queue, so model calls are serialized on the device.
 GPU_QUEUE = {"concurrency_id": "gpu", "concurrency_limit": 1}
 
-# Errors from models/ and finetune/ whose message is meant for the user.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError, OSError, TypeError)
+INTERNAL_ERROR = ("Internal error ({kind}) in {where}: this is a bug in the workbench, not a problem with what you "
+                  "sent. The details are in the server log (logs/workbench.log in the workbench's cache folder).")
+
+
+def to_gr_error(fn_name: str, exc: BaseException) -> gr.Error:
+    """The gr.Error a user sees: the core's own message for a UserError, a short "internal error" otherwise."""
+    if isinstance(exc, UserError):
+        log.info("%s: %s", fn_name, exc)
+        return gr.Error(str(exc) or exc.__class__.__name__, print_exception=False)
+    log.error("%s failed", fn_name, exc_info=exc)
+    return gr.Error(INTERNAL_ERROR.format(kind=exc.__class__.__name__, where=fn_name), print_exception=False)
 
 
 def user_errors(fn):
-    """Turn the core's ValueError/RuntimeError into ``gr.Error`` with the same concise message.
+    """Show the core's UserError messages as ``gr.Error``; log anything else with its traceback.
 
-    Works for plain functions and generators; anything else propagates as a bug.
+    Works for plain functions and generators. A programming error is never dressed up as bad input:
+    the user gets a short "internal error" and the log gets the traceback.
     """
-    def to_gr(exc: BaseException) -> gr.Error:
-        log.info("%s: %s", fn.__name__, exc)
-        return gr.Error(str(exc) or exc.__class__.__name__, print_exception=False)
-
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
@@ -33,8 +41,8 @@ def user_errors(fn):
                 yield from fn(*args, **kwargs)
             except gr.Error:
                 raise
-            except USER_ERRORS as exc:
-                raise to_gr(exc) from exc
+            except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs by to_gr_error
+                raise to_gr_error(fn.__name__, exc) from exc
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -43,8 +51,8 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except USER_ERRORS as exc:
-            raise to_gr(exc) from exc
+        except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs by to_gr_error
+            raise to_gr_error(fn.__name__, exc) from exc
     return wrapper
 
 

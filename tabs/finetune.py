@@ -14,6 +14,7 @@ import gradio as gr
 from finetune.config import PRESETS, QUANTIZATIONS, SCHEDULERS, RunConfig, cli_command, parse_config, with_preset
 from finetune.runner import ACTIVE_STATES, TrainingRunner
 from models.checks import check_number
+from models.errors import InvalidRequest
 from tabs.common import user_errors
 
 POLL_SECONDS = 2
@@ -39,10 +40,10 @@ def upload_path(dataset) -> str | None:
         return None
     path = dataset.get("path") if isinstance(dataset, dict) else getattr(dataset, "path", dataset)
     if not isinstance(path, str) or not path:
-        raise ValueError("dataset must be an uploaded .jsonl or .zip file")
+        raise InvalidRequest("dataset must be an uploaded .jsonl or .zip file")
     uploads = Path(get_upload_folder()).resolve()
     if uploads not in Path(path).resolve().parents:
-        raise ValueError("dataset must be a file uploaded to this app (use handle_file(...) with gradio_client)")
+        raise InvalidRequest("dataset must be a file uploaded to this app (use handle_file(...) with gradio_client)")
     return path
 
 
@@ -264,7 +265,7 @@ def build(manager, settings) -> None:
 
     def stop_ui(current):
         if not current:
-            raise ValueError("No run to stop.")
+            raise InvalidRequest("No run to stop.")
         return show(runner.stop(current))
 
     run_outputs = [progress, message, loss_plot, log_lines, timer]

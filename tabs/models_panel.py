@@ -7,6 +7,7 @@ import json
 
 import gradio as gr
 
+from models.errors import InvalidRequest
 from tabs.common import user_errors
 
 COLUMNS = ["id", "task", "device", "precision", "size (MB)", "load (s)", "last used", "in use"]
@@ -40,9 +41,9 @@ def models_json(manager) -> str:
 
 def unload_message(manager, model_id: str) -> str:
     if not isinstance(model_id, str) or not model_id.strip():
-        raise ValueError("Choose a loaded model to unload.")
+        raise InvalidRequest("Choose a loaded model to unload.")
     if model_id not in manager.catalog:
-        raise ValueError(f"Unknown model {model_id!r}.")
+        raise InvalidRequest(f"Unknown model {model_id!r}.")
     return f"Unloaded {model_id}." if manager.unload(model_id) else f"{model_id} was not loaded."
 
 

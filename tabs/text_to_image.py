@@ -6,6 +6,7 @@ import threading
 
 import gradio as gr
 
+from models.errors import InvalidRequest
 from tabs.common import GPU_QUEUE, default_model, gpu, model_choices, user_errors
 
 TASK = "text-to-image"
@@ -53,7 +54,7 @@ def model_defaults(manager, model_id: str) -> dict:
 
     spec = manager.catalog.get(model_id)
     if spec.task != TASK:
-        raise ValueError(f"{model_id} is not a text-to-image model. "
+        raise InvalidRequest(f"{model_id} is not a text-to-image model. "
                          f"Choose one of: {', '.join(manager.catalog.ids(TASK))}")
     defaults = diffusion.defaults_for(spec)
     return {"width": defaults.width, "height": defaults.height, "steps": defaults.steps,
@@ -66,9 +67,9 @@ def precision_for(manager, model_id: str, precision: str) -> str | None:
     if precision in (None, "", "auto"):
         return None
     if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}. Choose one of: {', '.join(PRECISIONS)}")
+        raise InvalidRequest(f"Unknown precision {precision!r}. Choose one of: {', '.join(PRECISIONS)}")
     if precision == "nf4" and manager.device != "cuda":
-        raise ValueError(f"4-bit (nf4) needs CUDA; this workbench runs on {manager.device}. Choose auto or fp32.")
+        raise InvalidRequest(f"4-bit (nf4) needs CUDA; this workbench runs on {manager.device}. Choose auto or fp32.")
     return precision
 
 
@@ -92,10 +93,10 @@ def txt2img(manager, settings, prompt: str = "", negative_prompt: str = "", styl
     try:
         spec = manager.catalog.get(model)
     except UnknownModelError:
-        raise ValueError(f"Unknown model {model!r}. Text-to-image models: "
+        raise InvalidRequest(f"Unknown model {model!r}. Text-to-image models: "
                          f"{', '.join(manager.catalog.ids(TASK))}") from None
     if spec.task != TASK:
-        raise ValueError(f"{model} is not a text-to-image model. Choose one of: {', '.join(manager.catalog.ids(TASK))}")
+        raise InvalidRequest(f"{model} is not a text-to-image model. Choose one of: {', '.join(manager.catalog.ids(TASK))}")
     quant = precision_for(manager, model, precision)
     precision_name = choose(spec, manager.device, quant).name
     styles = diffusion.load_styles(settings.cache_dir)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from models.checks import check_number
+from models.errors import InvalidRequest
 from tabs.common import GPU_QUEUE, default_model, gpu, model_choices, user_errors
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,10 @@ def check_request(manager, model: str, max_new_tokens, temperature, top_p=DEFAUL
     from models.generation import GenerationParams
 
     if model not in manager.catalog:
-        raise ValueError(f"Unknown model {model!r}. Image VQA models: {', '.join(manager.catalog.ids(TASK))}")
+        raise InvalidRequest(f"Unknown model {model!r}. Image VQA models: {', '.join(manager.catalog.ids(TASK))}")
     spec = manager.catalog.get(model)
     if spec.task != TASK:
-        raise ValueError(f"{model} is a {spec.task} model; choose one of: {', '.join(manager.catalog.ids(TASK))}")
+        raise InvalidRequest(f"{model} is a {spec.task} model; choose one of: {', '.join(manager.catalog.ids(TASK))}")
     max_new_tokens = check_number("max_new_tokens", max_new_tokens, 1, GenerationParams.MAX_NEW_TOKENS, integer=True)
     temperature = check_number("temperature", temperature, 0.0, 2.0)
     top_p = check_number("top_p", top_p, 0.0, 1.0)
@@ -45,9 +46,9 @@ def check_request(manager, model: str, max_new_tokens, temperature, top_p=DEFAUL
 
 def check_question_text(question) -> str:
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("Type a question about the image first.")
+        raise InvalidRequest("Type a question about the image first.")
     if len(question) > MAX_QUESTION_CHARS:
-        raise ValueError(f"The question is {len(question)} characters; the limit is {MAX_QUESTION_CHARS}. "
+        raise InvalidRequest(f"The question is {len(question)} characters; the limit is {MAX_QUESTION_CHARS}. "
                          "Shorten it.")
     return question.strip()
 
@@ -57,7 +58,7 @@ def open_image(image_path):
     from models.images import load_image
 
     if image_path is None or image_path == "":
-        raise ValueError("Upload, paste or capture an image first.")
+        raise InvalidRequest("Upload, paste or capture an image first.")
     return load_image(image_path)
 
 
@@ -128,7 +129,7 @@ def chat_turn(manager, settings, image_path, question, history, base_history, mo
     picture, notices = open_image(image_path)
     folder = adapter_folder(settings, adapter, model)
     if compare and folder is None:
-        raise ValueError("Compare needs an adapter: choose one in 'Adapter' (or untick Compare).")
+        raise InvalidRequest("Compare needs an adapter: choose one in 'Adapter' (or untick Compare).")
     history = vlm.check_history(list(history or []))
     base_history = vlm.check_history(list(base_history or [])) if compare else list(base_history or [])
     runs = ([("base", None, base_history)] if compare else []) + [("main", folder, history)]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.catalog import ModelSpec
+from models.errors import InvalidRequest
 from models.quantization import Precision, transformers_kwargs
 
 SAMPLE_RATE = 16_000
@@ -139,18 +140,18 @@ def language_code(handle: AsrHandle, language: str | None) -> str | None:
     if language is None or language == "" or language == AUTO:
         return None
     if not isinstance(language, str):
-        raise ValueError(f"language must be a name such as 'english', got {type(language).__name__}")
+        raise InvalidRequest(f"language must be a name such as 'english', got {type(language).__name__}")
     code = LANGUAGES.get(language.strip().lower(), language.strip().lower())
     if not handle.multilingual:
         if code != "en":
-            raise ValueError(f"{handle.spec_id} knows only English, not {language!r}. Choose 'auto' or "
+            raise InvalidRequest(f"{handle.spec_id} knows only English, not {language!r}. Choose 'auto' or "
                              "'english', or a multilingual model such as whisper-base.")
         return None
     supported = handle.languages
     if supported and code not in supported:
         names = {c: n for n, c in LANGUAGES.items()}
         listed = ", ".join(names.get(c, c) for c in supported)
-        raise ValueError(f"{handle.spec_id} does not support the language {language!r}. "
+        raise InvalidRequest(f"{handle.spec_id} does not support the language {language!r}. "
                          f"Choose 'auto' or one of: {listed}.")
     return code
 
@@ -209,15 +210,15 @@ def transcribe(handle: AsrHandle, samples, language: str | None = AUTO, task: st
     """
     # 1. Check inputs
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise InvalidRequest(f"task must be one of {TASKS}, got {task!r}")
     if timestamps not in TIMESTAMPS:
-        raise ValueError(f"timestamps must be one of {TIMESTAMPS}, got {timestamps!r}")
+        raise InvalidRequest(f"timestamps must be one of {TIMESTAMPS}, got {timestamps!r}")
     code = language_code(handle, language)
     if not handle.multilingual and task == "translate":
-        raise ValueError(f"{handle.spec_id} knows only English and cannot translate; choose a multilingual "
+        raise InvalidRequest(f"{handle.spec_id} knows only English and cannot translate; choose a multilingual "
                          "model such as whisper-base.")
     if len(samples) == 0:
-        raise ValueError("No audio to transcribe.")
+        raise InvalidRequest("No audio to transcribe.")
 
     # 2. The language: given, or detected once on the first 30 s and then used for every chunk
     if code is None and handle.multilingual:
@@ -272,7 +273,7 @@ def _transcribe_chunk(handle: AsrHandle, chunk, code: str | None, task: str, tim
         if log_prob is None and not looping:
             log_prob = mean_log_prob(handle, chunk, output["text"])
         if looping or log_prob < MIN_MEAN_LOG_PROB:
-            raise ValueError(f"{handle.spec_id} could not make out English speech in this audio; it knows only "
+            raise InvalidRequest(f"{handle.spec_id} could not make out English speech in this audio; it knows only "
                              "English. For speech in another language choose a multilingual model such as "
                              "whisper-base.")
     return output

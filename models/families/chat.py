@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from models.catalog import ModelSpec
+from models.errors import InvalidRequest
 from models.generation import GenerationParams, StreamStats, stream_generate
 from models.quantization import Precision, fit_4bit_for_cpu, transformers_kwargs
 
@@ -39,7 +40,7 @@ def load(spec: ModelSpec, location: str, precision: Precision) -> ChatHandle:
         fit_4bit_for_cpu(model)
     model.eval()
     if tokenizer.chat_template is None:
-        raise ValueError(f"{spec.id} has no chat template; it is not an instruct/chat model")
+        raise InvalidRequest(f"{spec.id} has no chat template; it is not an instruct/chat model")
     return ChatHandle(model=model, tokenizer=tokenizer, spec_id=spec.id, device=precision.device)
 
 
@@ -64,17 +65,17 @@ def build_tiny(folder: Path) -> None:
 def check_messages(messages: list[dict]) -> list[dict]:
     """Validate a messages-format history (role/content strings) and return a clean copy."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {role, content}")
+        raise InvalidRequest("messages must be a non-empty list of {role, content}")
     clean = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ValueError(f"message {index} must have a role in {ROLES}")
+            raise InvalidRequest(f"message {index} must have a role in {ROLES}")
         content = message.get("content")
         if not isinstance(content, str):
-            raise ValueError(f"message {index} must have text content")
+            raise InvalidRequest(f"message {index} must have text content")
         clean.append({"role": message["role"], "content": content})
     if clean[-1]["role"] != "user" or not clean[-1]["content"].strip():
-        raise ValueError("The last message must be a non-empty user message.")
+        raise InvalidRequest("The last message must be a non-empty user message.")
     return clean
 
 
@@ -95,7 +96,7 @@ def encode(handle: ChatHandle, messages: list[dict], params: GenerationParams) -
             break
         turns, dropped = turns[2:] if len(turns) > 2 else turns[1:], dropped + 2
     if ids["input_ids"].shape[-1] > budget:
-        raise ValueError(f"The message is {ids['input_ids'].shape[-1]} tokens; {handle.spec_id} accepts "
+        raise InvalidRequest(f"The message is {ids['input_ids'].shape[-1]} tokens; {handle.spec_id} accepts "
                          f"{budget} with max_new_tokens={params.max_new_tokens}. Shorten it or lower max new tokens.")
     return {k: v.to(handle.model.device) for k, v in ids.items()}, dropped
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from models.catalog import ModelSpec
 from models.checks import check_number
+from models.errors import InvalidRequest
 from models.quantization import Precision, diffusers_kwargs
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ SAFETY_DEFAULT = True  # diffusers' own default: check images when the repo ship
 def variant_of(spec: ModelSpec) -> str:
     variant = spec.variant or ("tiny" if spec.source == "offline" else "sd15")
     if variant not in VARIANTS:
-        raise ValueError(f"{spec.id}: unknown diffusion variant {variant!r}; use one of {', '.join(VARIANTS)}")
+        raise InvalidRequest(f"{spec.id}: unknown diffusion variant {variant!r}; use one of {', '.join(VARIANTS)}")
     return variant
 
 
@@ -97,18 +98,18 @@ def load_styles(cache_dir: Path | None = None) -> dict[str, dict[str, str]]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"Cannot read the styles file {path}: {exc}") from exc
+        raise InvalidRequest(f"Cannot read the styles file {path}: {exc}") from exc
     entries = data.get("styles") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not entries:
-        raise ValueError(f"{path}: expected a mapping of style names under 'styles:'")
+        raise InvalidRequest(f"{path}: expected a mapping of style names under 'styles:'")
     styles = {}
     for name, entry in entries.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt", ""), str) \
                 or "{prompt}" not in entry.get("prompt", ""):
-            raise ValueError(f"{path}: style {name!r} needs a 'prompt' text that contains {{prompt}}")
+            raise InvalidRequest(f"{path}: style {name!r} needs a 'prompt' text that contains {{prompt}}")
         negative = entry.get("negative") or ""
         if not isinstance(negative, str):
-            raise ValueError(f"{path}: the 'negative' of style {name!r} must be text")
+            raise InvalidRequest(f"{path}: the 'negative' of style {name!r} must be text")
         styles[str(name)] = {"prompt": entry["prompt"], "negative": negative}
     styles.setdefault("none", {"prompt": "{prompt}", "negative": ""})
     return styles
@@ -117,7 +118,7 @@ def load_styles(cache_dir: Path | None = None) -> dict[str, dict[str, str]]:
 def apply_style(styles: dict, style: str, prompt: str, negative_prompt: str) -> tuple[str, str]:
     """The prompt and negative prompt after the style preset is applied."""
     if style not in styles:
-        raise ValueError(f"Unknown style {style!r}. Styles: {', '.join(styles)}")
+        raise InvalidRequest(f"Unknown style {style!r}. Styles: {', '.join(styles)}")
     preset = styles[style]
     styled = preset["prompt"].replace("{prompt}", prompt).strip(" ,") if prompt.strip() else prompt
     negative = ", ".join(part for part in (preset["negative"], negative_prompt.strip()) if part)
@@ -158,19 +159,19 @@ def clean_text(name: str, value) -> str:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"The {name} is not valid UTF-8 text (byte {exc.start}); re-type or paste it "
+            raise InvalidRequest(f"The {name} is not valid UTF-8 text (byte {exc.start}); re-type or paste it "
                              "as plain text.") from None
     if not isinstance(value, str):
-        raise ValueError(f"The {name} must be text, got {type(value).__name__}")
+        raise InvalidRequest(f"The {name} must be text, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"The {name} contains characters that are not valid UTF-8 (position {exc.start}); "
+        raise InvalidRequest(f"The {name} contains characters that are not valid UTF-8 (position {exc.start}); "
                          "remove them or re-type the text.") from None
     if "\x00" in value:
-        raise ValueError(f"The {name} contains a NUL character; remove it.")
+        raise InvalidRequest(f"The {name} contains a NUL character; remove it.")
     if len(value) > MAX_PROMPT_CHARS:
-        raise ValueError(f"The {name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}.")
+        raise InvalidRequest(f"The {name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}.")
     return value
 
 
@@ -197,7 +198,7 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
         ValueError: with a message that says what to change.
     """
     if spec.family != "diffusion":
-        raise ValueError(f"{spec.id} is not a text-to-image model")
+        raise InvalidRequest(f"{spec.id} is not a text-to-image model")
     defaults = defaults_for(spec)
     notices: list[str] = []
     prompt = clean_text("prompt", prompt)
@@ -207,9 +208,9 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
     if not isinstance(style, str) or not style:
         style = "none"
     if styles is not None and style not in styles:
-        raise ValueError(f"Unknown style {style!r}. Styles: {', '.join(styles)}")
+        raise InvalidRequest(f"Unknown style {style!r}. Styles: {', '.join(styles)}")
     if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {scheduler!r}. Schedulers: {', '.join(SCHEDULERS)}")
+        raise InvalidRequest(f"Unknown scheduler {scheduler!r}. Schedulers: {', '.join(SCHEDULERS)}")
     side_hint = f" for {spec.id} (and a multiple of 8)"
     width = check_number("width", defaults.width if width is None else width, MIN_SIDE, defaults.max_side,
                          True, side_hint)
@@ -217,7 +218,7 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
                           True, side_hint)
     for name, side in (("width", width), ("height", height)):
         if side % 8:
-            raise ValueError(f"{name} must be a multiple of 8, got {side}; try {side - side % 8} or "
+            raise InvalidRequest(f"{name} must be a multiple of 8, got {side}; try {side - side % 8} or "
                              f"{side - side % 8 + 8}")
     steps = check_number("steps", defaults.steps if steps is None else steps, 1, defaults.max_steps, True,
                          f" for {spec.id}")
@@ -230,7 +231,7 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
         needed = spec.estimate_bytes(precision_name) + activation_bytes(
             spec, precision_name, width, height, num_images, attention_slicing, vae_tiling)
         if needed > budget_bytes:
-            raise ValueError(
+            raise InvalidRequest(
                 f"{width}x{height} x {num_images} image(s) needs about {needed / 1024**3:.2f} GB with {spec.id}, "
                 f"more than the {budget_bytes / 1024**3:.2f} GB memory budget. Lower the size or the number of "
                 "images, enable attention slicing / VAE tiling, or raise --memory-budget.")
@@ -302,7 +303,7 @@ def load(spec: ModelSpec, location: str, precision: Precision) -> DiffusionHandl
     from diffusers import AutoPipelineForText2Image
 
     if precision.name == "nf4" and precision.device != "cuda":
-        raise ValueError("4-bit (nf4) diffusion needs CUDA; choose fp32 on this machine")
+        raise InvalidRequest("4-bit (nf4) diffusion needs CUDA; choose fp32 on this machine")
     kwargs = diffusers_kwargs(precision)
     pipe = AutoPipelineForText2Image.from_pretrained(location, **kwargs)
     pipe.to(precision.device)

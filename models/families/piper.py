@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.catalog import ModelSpec
+from models.errors import InvalidRequest, Unavailable
 from models.families.tts import MAX_TEXT_CHARS, PAUSE_SECONDS, SPEED_RANGE, check_text, split_sentences
 from models.quantization import Precision
 
@@ -53,11 +54,11 @@ VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+./-]*")
 Progress = Callable[[float, str], None]
 
 
-class PiperVoiceError(ValueError):
+class PiperVoiceError(InvalidRequest):
     """A Piper voice's files are missing or invalid."""
 
 
-class EspeakError(RuntimeError):
+class EspeakError(Unavailable):
     """espeak-ng failed to phonemize text."""
 
 
@@ -190,7 +191,7 @@ def phonemize(text: str, voice: str, binary: str | None = None) -> list[str]:
         binary: the espeak-ng program; defaults to $WORKBENCH_ESPEAK, then espeak-ng on PATH.
     """
     if not VOICE_NAME.fullmatch(voice or ""):
-        raise ValueError(f"{voice!r} is not an espeak-ng voice name")
+        raise InvalidRequest(f"{voice!r} is not an espeak-ng voice name")
     program = _espeak_binary(binary)
     try:
         done = subprocess.run([program, "-q", "--ipa", "-b", "1", "-v", voice], input=text.encode("utf-8"),
@@ -262,7 +263,7 @@ def _mark_clauses(lines: list[str], sentence: str) -> list[str]:
 def _check_range(name: str, value, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
+        raise InvalidRequest(f"{name} must be between {low} and {high}, got {value!r}")
     return float(value)
 
 
@@ -273,7 +274,7 @@ def _speaker_id(handle: PiperHandle, speaker) -> int | None:
         return 0 if len(id_map) > 1 else None
     if speaker not in handle.speakers:
         choices = ", ".join(handle.speakers[:20]) if handle.speakers else "none (single-speaker model)"
-        raise ValueError(f"{handle.spec_id} has no speaker {speaker!r}. Speakers: {choices}")
+        raise InvalidRequest(f"{handle.spec_id} has no speaker {speaker!r}. Speakers: {choices}")
     return int(id_map[speaker])
 
 
@@ -328,7 +329,7 @@ def speak_sentences(handle: PiperHandle, text: str, speaker: str | None = "defau
     if missing:
         log.warning("%s: skipped phonemes its map lacks: %s", handle.spec_id, dict(missing))
     if not spoken:
-        raise ValueError(f"{handle.spec_id} cannot pronounce any character of this text "
+        raise InvalidRequest(f"{handle.spec_id} cannot pronounce any character of this text "
                          f"(it speaks {handle.espeak_voice}); try another voice.")
 
 
@@ -351,9 +352,9 @@ def speak(handle: PiperHandle, text: str, speaker: str | None = "default", langu
     import numpy as np
 
     if language not in (None, "", "default", "auto"):
-        raise ValueError(f"{handle.spec_id} speaks only {handle.espeak_voice}; leave the language on default.")
+        raise InvalidRequest(f"{handle.spec_id} speaks only {handle.espeak_voice}; leave the language on default.")
     if reference_wav is not None:
-        raise ValueError(f"{handle.spec_id} cannot clone a voice; leave the reference voice empty or choose XTTS.")
+        raise InvalidRequest(f"{handle.spec_id} cannot clone a voice; leave the reference voice empty or choose XTTS.")
     pause = np.zeros(int(PAUSE_SECONDS * handle.sample_rate), dtype=np.float32)
     parts = []
     for _, audio in speak_sentences(handle, text, speaker=speaker, speed=speed, noise_scale=noise_scale,

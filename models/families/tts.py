@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.catalog import ModelSpec
+from models.errors import InvalidRequest
 from models.quantization import Precision
 
 MAX_TEXT_CHARS = 3000
@@ -52,7 +53,7 @@ def _checkpoint(folder: Path) -> Path:
     for name in CHECKPOINT_NAMES:
         if (folder / name).is_file():
             return folder / name
-    raise ValueError(f"{folder} holds no Coqui checkpoint ({', '.join(CHECKPOINT_NAMES)})")
+    raise InvalidRequest(f"{folder} holds no Coqui checkpoint ({', '.join(CHECKPOINT_NAMES)})")
 
 
 def load(spec: ModelSpec, location: str, precision: Precision) -> TtsHandle:
@@ -131,12 +132,12 @@ def split_sentences(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
 def check_text(text) -> str:
     """The stripped text; ValueError for non-text, empty, letterless (punctuation/emoji) or too long."""
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("Type some text to speak.")
+        raise InvalidRequest("Type some text to speak.")
     text = text.strip()
     if len(text) > MAX_TEXT_CHARS:
-        raise ValueError(f"The text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}. Shorten it.")
+        raise InvalidRequest(f"The text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}. Shorten it.")
     if not re.search(r"[^\W_]", text):
-        raise ValueError("The text has no letters or digits to speak (only punctuation, symbols or emoji).")
+        raise InvalidRequest("The text has no letters or digits to speak (only punctuation, symbols or emoji).")
     return text
 
 
@@ -167,13 +168,13 @@ def speak(handle: TtsHandle, text: str, speaker: str | None = None, language: st
     # 1. Check inputs
     text = check_text(text)
     if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
-        raise ValueError(f"speed must be between {SPEED_RANGE[0]} and {SPEED_RANGE[1]}, got {speed!r}")
+        raise InvalidRequest(f"speed must be between {SPEED_RANGE[0]} and {SPEED_RANGE[1]}, got {speed!r}")
     speaker, language = _voice(handle, speaker, language, reference_wav)
 
     # 2. Split into sentences the model can pronounce
     sentences = [s for s in split_sentences(text) if _pronounceable(handle, s, language)]
     if not sentences:
-        raise ValueError(f"{handle.spec_id} cannot pronounce any character of this text; "
+        raise InvalidRequest(f"{handle.spec_id} cannot pronounce any character of this text; "
                          "try another model or language.")
 
     # 3. Synthesize each sentence and join them
@@ -209,17 +210,17 @@ def _voice(handle: TtsHandle, speaker, language, reference_wav) -> tuple[str | N
         language = None
     if speaker is not None and speaker not in speakers:
         choices = ", ".join(speakers[:20]) if speakers else "none (single-speaker model)"
-        raise ValueError(f"{handle.spec_id} has no speaker {speaker!r}. Speakers: {choices}")
+        raise InvalidRequest(f"{handle.spec_id} has no speaker {speaker!r}. Speakers: {choices}")
     if language is not None and language not in languages:
         choices = ", ".join(languages) if languages else "none (single-language model)"
-        raise ValueError(f"{handle.spec_id} does not speak {language!r}. Languages: {choices}")
+        raise InvalidRequest(f"{handle.spec_id} does not speak {language!r}. Languages: {choices}")
     if languages and language is None:
         language = "en" if "en" in languages else languages[0]
     if reference_wav is not None and not handle.supports_cloning:
-        raise ValueError(f"{handle.spec_id} cannot clone a voice; leave the reference voice empty or choose XTTS.")
+        raise InvalidRequest(f"{handle.spec_id} cannot clone a voice; leave the reference voice empty or choose XTTS.")
     if handle.supports_cloning and reference_wav is None and speaker is None:
         if not speakers:
-            raise ValueError(f"{handle.spec_id} clones a voice: add a reference voice file.")
+            raise InvalidRequest(f"{handle.spec_id} clones a voice: add a reference voice file.")
         speaker = speakers[0]
     elif speakers and speaker is None and not handle.supports_cloning:
         speaker = speakers[0]

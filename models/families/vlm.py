@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from models.catalog import ModelSpec
+from models.errors import Busy, InvalidRequest
 from models.generation import GenerationParams, StreamStats, stream_generate
 from models.quantization import Precision, fit_4bit_for_cpu, transformers_kwargs
 
@@ -67,7 +68,7 @@ def load(spec: ModelSpec, location: str, precision: Precision) -> VLMHandle:
     if getattr(processor, "chat_template", None) is None:
         template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
         if template is None:
-            raise ValueError(f"{spec.id} has no chat template; it is not an instruct/chat vision model")
+            raise InvalidRequest(f"{spec.id} has no chat template; it is not an instruct/chat vision model")
         processor.chat_template = template
     return VLMHandle(model=model, processor=processor, spec_id=spec.id, device=precision.device,
                      model_type=getattr(model.config, "model_type", ""))
@@ -121,21 +122,21 @@ def check_history(history) -> list[dict]:
     if history is None:
         return []
     if not isinstance(history, list):
-        raise ValueError("history must be a list of {role, content} messages")
+        raise InvalidRequest("history must be a list of {role, content} messages")
     clean = []
     for index, message in enumerate(history):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ValueError(f"history message {index} must have a role in {ROLES}")
+            raise InvalidRequest(f"history message {index} must have a role in {ROLES}")
         content = message.get("content")
         if not isinstance(content, str):
-            raise ValueError(f"history message {index} must have text content")
+            raise InvalidRequest(f"history message {index} must have text content")
         clean.append({"role": message["role"], "content": content})
     return clean
 
 
 def check_question(question) -> str:
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("Type a question about the image first.")
+        raise InvalidRequest("Type a question about the image first.")
     return question.strip()
 
 
@@ -165,7 +166,7 @@ def encode(handle: VLMHandle, image, question: str, params: GenerationParams, hi
     history = check_history(history)
     image, notices = fit_image(image, handle.max_image_pixels)
     if system_prompt is not None and not isinstance(system_prompt, str):
-        raise ValueError("system_prompt must be text")
+        raise InvalidRequest("system_prompt must be text")
     context = handle.context_length
     # Room kept for the answer while trimming history; a huge max_new_tokens must not drop everything.
     budget = max(context - params.max_new_tokens, context // 2)
@@ -183,7 +184,7 @@ def encode(handle: VLMHandle, image, question: str, params: GenerationParams, hi
     if len(tail) < len(history) - keep_head:
         notices.append(f"Earlier turns were left out to fit the {context}-token context.")
     if length >= context:
-        raise ValueError(f"The question and image take {length} tokens; {handle.spec_id} reads at most {context} "
+        raise InvalidRequest(f"The question and image take {length} tokens; {handle.spec_id} reads at most {context} "
                          "tokens, answer included. Shorten the question or start a new conversation.")
     if length + params.max_new_tokens > context:
         params = dataclasses.replace(params, max_new_tokens=context - length)
@@ -205,7 +206,7 @@ def fit_image(image, max_pixels: int) -> tuple[object, list[str]]:
     from PIL import Image
 
     if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL image (see models.images.load_image), got {type(image).__name__}")
+        raise InvalidRequest(f"image must be a PIL image (see models.images.load_image), got {type(image).__name__}")
     if image.width * image.height <= max_pixels:
         return image, []
     scale = (max_pixels / (image.width * image.height)) ** 0.5
@@ -241,7 +242,7 @@ def answer(handle: VLMHandle, image, question: str, params: GenerationParams, hi
         notices: if given, receives notices about dropped turns.
     """
     if not handle.lock.acquire(timeout=BUSY_TIMEOUT):
-        raise RuntimeError(f"{handle.spec_id} is busy answering another request; try again shortly.")
+        raise Busy(f"{handle.spec_id} is busy answering another request; try again shortly.")
     try:
         set_adapter(handle, adapter_folder)
         inputs, encode_notices, params = encode(handle, image, question, params, history, system_prompt)
@@ -258,7 +259,7 @@ def answer_text(handle: VLMHandle, image, question: str, params: GenerationParam
     import torch
 
     if not handle.lock.acquire(timeout=BUSY_TIMEOUT):
-        raise RuntimeError(f"{handle.spec_id} is busy answering another request; try again shortly.")
+        raise Busy(f"{handle.spec_id} is busy answering another request; try again shortly.")
     try:
         set_adapter(handle, adapter_folder)
         inputs, _, params = encode(handle, image, question, params, history, system_prompt)
