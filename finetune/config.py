@@ -2,6 +2,10 @@
 
 The same YAML file drives the UI and the command line: ``python -m finetune.train run.yaml``.
 The runner fills the ``paths`` part (dataset, run folder, cache) before it starts a run.
+
+Config text is bounded before it is built: at most ``limits.yaml_bytes`` of text and
+``limits.yaml_nodes`` nodes, a few levels deep, and no YAML anchors or aliases (a few hundred bytes of
+nested aliases expand to gigabytes).
 """
 
 from __future__ import annotations
@@ -9,19 +13,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import shlex
 from pathlib import Path
 
 import yaml
 
-from models.errors import InvalidRequest
+from models.checks import check_name
+from models.errors import InvalidRequest, TooLarge, quote
+from models.limits import Limits
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 QUANTIZATIONS = ("nf4", "int8", "none")
 TRAINABLE_TASKS = ("chat", "vqa")
 ALL_LINEAR = "all-linear"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A run config is flat (one list at most); deeper nesting only costs recursion.
+MAX_DEPTH = 8
 
 # Presets only set training knobs; the model, dataset and adapter name stay the user's.
 PRESETS: dict[str, dict] = {
@@ -85,18 +91,18 @@ class RunConfig:
         def number(name, low, high, integer=False, low_inclusive=True):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                problems.append(f"{name} must be a number, got {value!r}")
+                problems.append(f"{name} must be a number, got {quote(value, 80)}")
                 return
             if isinstance(value, float) and math.isnan(value):
                 problems.append(f"{name} must be a number, got NaN")
                 return
             if integer and value != int(value):
-                problems.append(f"{name} must be a whole number, got {value!r}")
+                problems.append(f"{name} must be a whole number, got {quote(value, 80)}")
                 return
             below = value < low if low_inclusive else value <= low
             if below or value > high:
                 bound = "≥" if low_inclusive else ">"
-                problems.append(f"{name} must be {bound} {low} and ≤ {high}, got {value!r}")
+                problems.append(f"{name} must be {bound} {low} and ≤ {high}, got {quote(value, 80)}")
 
         number("lora_r", 1, 1024, integer=True)
         number("lora_alpha", 1, 4096, integer=True)
@@ -113,12 +119,14 @@ class RunConfig:
         number("save_steps", 0, 10_000_000, integer=True)
         number("val_fraction", 0, 0.5)
         if self.scheduler not in SCHEDULERS:
-            problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+            problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {quote(self.scheduler, 80)}")
         if self.quantization not in QUANTIZATIONS:
-            problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if not isinstance(self.adapter_name, str) or not NAME_PATTERN.match(self.adapter_name):
-            problems.append("adapter_name must be 1-64 letters, digits, '.', '_' or '-' (a folder name), "
-                            f"got {self.adapter_name!r}")
+            problems.append(f"quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                            f"got {quote(self.quantization, 80)}")
+        try:
+            check_name("adapter_name", self.adapter_name, "adapter folder names")
+        except InvalidRequest as exc:
+            problems.append(str(exc))
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append("gradient_checkpointing must be true or false")
         targets = self.target_modules
@@ -128,7 +136,7 @@ class RunConfig:
         if catalog is not None:
             if not isinstance(self.base_model, str) or self.base_model not in catalog:
                 trainable = [s.id for s in catalog if s.task in TRAINABLE_TASKS]
-                problems.append(f"Unknown model {self.base_model!r}; choose one of: {', '.join(trainable)}")
+                problems.append(f"Unknown model {quote(self.base_model, 100)}; choose one of: {', '.join(trainable)}")
             elif catalog.get(self.base_model).task not in TRAINABLE_TASKS:
                 problems.append(f"{self.base_model} is a {catalog.get(self.base_model).task} model; "
                                 "fine-tuning supports chat and VQA models")
@@ -156,57 +164,123 @@ class RunConfig:
         return path
 
     @classmethod
-    def from_dict(cls, raw: dict) -> RunConfig:
+    def from_dict(cls, raw: dict, limits: Limits | None = None) -> RunConfig:
+        """A config from a mapping of settings (bounded by ``limits``); the adapter name is checked at once."""
         if not isinstance(raw, dict):
             raise InvalidRequest(f"config must be a mapping of settings, got {type(raw).__name__}")
+        check_nodes(raw, limits or Limits.from_env())
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - fields)
+        unknown = [key for key in raw if key not in fields]
         if unknown:
-            raise InvalidRequest(f"unknown config keys {unknown}; allowed: {sorted(fields)}")
+            raise InvalidRequest(f"unknown config keys {quote(unknown)}; allowed: {', '.join(sorted(fields))}")
+        if "adapter_name" in raw:  # it becomes a folder name: refuse it before anything uses it
+            check_name("adapter_name", raw["adapter_name"], "adapter folder names")
         return cls(**raw)
 
     @classmethod
-    def from_text(cls, text: str) -> RunConfig:
-        """Parse YAML (JSON is valid YAML) text into a config."""
-        if not isinstance(text, str):
-            raise InvalidRequest("config must be YAML text or a JSON object")
-        try:
-            raw = yaml.safe_load(text) if text.strip() else {}
-        except yaml.YAMLError as exc:
-            raise InvalidRequest(f"config is not valid YAML: {exc}") from None
-        return cls.from_dict(raw or {})
+    def from_text(cls, text: str, limits: Limits | None = None) -> RunConfig:
+        """Parse YAML or JSON text into a config (empty text or ``null``: the defaults)."""
+        raw = load_text(text, limits or Limits.from_env())
+        return cls.from_dict({} if raw is None else raw, limits)
 
     @classmethod
-    def load(cls, path: Path) -> RunConfig:
+    def load(cls, path: Path, limits: Limits | None = None) -> RunConfig:
+        limits = limits or Limits.from_env()
+        path = Path(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read(limits.yaml_bytes + 1)  # one more than the limit: load_text says it is over
         except OSError as exc:
-            raise InvalidRequest(f"cannot read config {path}: {exc.strerror}") from None
-        return cls.from_text(text)
+            raise InvalidRequest(f"cannot read config {quote(path.name, 100)}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"config {quote(path.name, 100)} is not UTF-8 text") from None
+        return cls.from_text(text, limits)
 
 
-def parse_config(value) -> RunConfig:
+def load_text(text, limits: Limits):
+    """The value YAML or JSON text holds, refusing anchors and aliases, too many nodes and too much text."""
+    if not isinstance(text, str):
+        raise InvalidRequest("config must be YAML text or a JSON object")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.yaml_bytes:
+        raise TooLarge(f"the config is {size:,} bytes; the limit is {limits.yaml_bytes:,}. A run config needs only "
+                       "the settings it changes.")
+    if not text.strip():
+        return {}
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)  # JSON first: YAML 1.1 reads 1e-4 as a string
+        except json.JSONDecodeError:
+            pass  # YAML flow mappings also start with "{"; let the YAML parser report
+        except RecursionError:
+            raise InvalidRequest(f"config is nested more than {MAX_DEPTH} levels deep") from None
+        else:
+            check_nodes(value, limits)
+            return value
+    loader = _BoundedLoader(text, limits)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise InvalidRequest(f"config is not valid YAML: {str(exc)[:300]}") from None
+    finally:
+        loader.dispose()
+
+
+def check_nodes(value, limits: Limits) -> None:
+    """Refuse a parsed config of more than ``limits.yaml_nodes`` values or ``MAX_DEPTH`` levels."""
+    count, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > limits.yaml_nodes:
+            raise TooLarge(f"the config holds more than {limits.yaml_nodes:,} values, the limit")
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"config is nested more than {MAX_DEPTH} levels deep")
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item if isinstance(item, list) else []
+        stack.extend((child, depth + 1) for child in children)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases, and stops past ``yaml_nodes`` nodes or ``MAX_DEPTH`` levels."""
+
+    def __init__(self, text: str, limits: Limits):
+        super().__init__(text)
+        self._limits, self._nodes, self._depth = limits, 0, 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise InvalidRequest(f"config line {event.start_mark.line + 1} uses a YAML anchor or alias (&name or "
+                                 "*name); they are not accepted: write each value out")
+        self._nodes += 1
+        if self._nodes > self._limits.yaml_nodes:
+            raise TooLarge(f"the config holds more than {self._limits.yaml_nodes:,} values, the limit")
+        if self._depth >= MAX_DEPTH:
+            raise InvalidRequest(f"config is nested more than {MAX_DEPTH} levels deep")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_config(value, limits: Limits | None = None) -> RunConfig:
     """A RunConfig from what the API accepts: YAML text, JSON text, a dict, or a RunConfig."""
+    limits = limits or Limits.from_env()
     if isinstance(value, RunConfig):
         return value
     if isinstance(value, dict):
-        return RunConfig.from_dict(value)
+        return RunConfig.from_dict(value, limits)
     if isinstance(value, str):
-        stripped = value.strip()
-        if stripped.startswith("{"):
-            try:
-                return RunConfig.from_dict(json.loads(stripped))
-            except json.JSONDecodeError:
-                pass  # YAML flow mappings also start with "{"; let the YAML parser report
-        return RunConfig.from_text(value)
+        return RunConfig.from_text(value, limits)
     if value is None:
         return RunConfig()
     raise InvalidRequest(f"config must be YAML text or a JSON object, got {type(value).__name__}")
 
 
 def with_preset(config: RunConfig, preset: str) -> RunConfig:
-    if preset not in PRESETS:
-        raise InvalidRequest(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise InvalidRequest(f"Unknown preset {quote(preset, 80)}; choose one of: {', '.join(PRESETS)}")
     return dataclasses.replace(config, **PRESETS[preset])
 
 
@@ -216,3 +290,10 @@ def cli_command(config_path: str | Path, accelerate: bool = False) -> str:
     if accelerate:
         return shlex.join(["accelerate", "launch", *module])
     return shlex.join(["python", *module])
+
+
+def command_help(config: RunConfig) -> str:
+    """What "Show command" prints: how to run this config outside the UI."""
+    name = f"{config.adapter_name}.yaml"
+    return (f"# save the YAML above as {name} (add dataset: path/to/data.jsonl)\n{cli_command(name)}\n"
+            f"# or, on several GPUs\n{cli_command(name, accelerate=True)}")

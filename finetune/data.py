@@ -1,35 +1,69 @@
 """Fine-tuning datasets: safe unpacking, line-numbered validation, token statistics, split, encoding.
 
-One JSON object per line, in one of three formats (never mixed within a file):
+One JSON object per line (JSON Lines), in one of three formats (never mixed within a file):
 
 * VQA: ``{"image": "imgs/1.png", "question": "...", "answer": "..."}`` (``image_path`` also accepted)
 * Instruction: ``{"instruction": "...", "input": "optional", "output": "..."}``
   or ``{"prompt": "...", "response": "..."}``
 * Chat: ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}``
 
+Files from common editors and spreadsheet exports are read as they are:
+
+* UTF-8 with or without a byte-order mark, and UTF-16 or UTF-32 with one (Excel's and Notepad's
+  "Unicode"). Other encodings (Windows-1252, Latin-1...) are never guessed: each line that is not
+  UTF-8 is a problem that says so and asks for the file to be saved as UTF-8.
+* Lines end with LF, CRLF or a lone CR, and the last one may have no ending. Blank and
+  whitespace-only lines are skipped; whitespace around a row is ignored.
+* A ``.json`` upload is read the same way (many ".json" exports are JSON Lines). A file holding one
+  JSON array of rows is refused with the command that converts it: problems are reported by line,
+  and an array would have to be read into memory whole before its first row could be checked.
+
 Image paths are relative to the folder of the JSONL file and may not leave it.
+
+Every cost is bounded by ``models.limits.Limits`` before or while the work is done: the file's bytes
+(``dataset_bytes``) and lines (``dataset_rows``), what a zip expands to (``extracted_bytes``,
+``extracted_files``, read from its directory and counted again while writing), each row's messages and
+characters (the limits ``check_messages`` applies), image pixels, and the tokens counted for
+statistics (``dataset_tokens``). The first ``dataset_problems`` problems are kept; the rest are counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
 import random
+import re
 import shutil
 import stat
 import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from models.errors import InvalidRequest
+from models.checks import CHAT_ROLES, check_messages, check_text
+from models.errors import InvalidRequest, TooLarge, quote
+from models.limits import Limits, format_bytes
 
 FORMATS = ("vqa", "instruction", "chat")
-ROLES = ("system", "user", "assistant")
-MAX_PROBLEMS_LISTED = 200
-MAX_ZIP_FILES = 20_000
-MAX_ZIP_BYTES = 4 * 1024**3
+ROLES = CHAT_ROLES
 PREVIEW_ROWS = 5
+PREVIEW_CHARS = 500  # of a preview row's prompt and answer: a report stays small whatever the rows hold
 IGNORED_ZIP_PREFIXES = ("__MACOSX/",)
+DATASET_SUFFIXES = (".jsonl", ".json")
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+_READ_BYTES = 64 * 1024
+# A JSON line may spell a character as "\ud83d\ude00" (12 bytes); longer lines cannot hold an acceptable row.
+_LINE_CHARS_PER_CHAR = 12
+# Byte-order marks, UTF-32 first: its little-endian mark starts with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bytes that are not UTF-8
+SAVE_AS_UTF8 = "save the file as UTF-8 (in Excel: CSV UTF-8 or Unicode Text; in editors: Save with Encoding, UTF-8)"
+# Short rows get the reference labelling (every prefix rendered); longer ones must pass the linear one.
+_EXACT_MAX_MESSAGES = 16
 
 
 @dataclasses.dataclass
@@ -40,6 +74,7 @@ class Example:
     format: str
     messages: list[dict]
     image: Path | None = None
+    image_name: str = ""  # the path as the row wrote it, for reports (never a server path)
 
 
 @dataclasses.dataclass
@@ -51,17 +86,34 @@ class Problem:
         return f"line {self.line}: {self.message}" if self.line else self.message
 
 
+class Problems:
+    """Problems in the order found: the first ``keep`` are listed, the rest only counted."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.listed: list[Problem] = []
+        self.count = 0
+
+    def add(self, line: int, message: str) -> Problem:
+        self.count += 1
+        problem = Problem(line, message)
+        if len(self.listed) < self.keep:
+            self.listed.append(problem)
+        return problem
+
+
 @dataclasses.dataclass
 class ParsedDataset:
     path: Path
     format: str | None
     examples: list[Example]
-    problems: list[Problem]
+    problems: list[Problem]  # the first ``limits.dataset_problems``
     lines: int
+    problem_count: int = 0  # all of them
 
     @property
     def ok(self) -> bool:
-        return not self.problems and bool(self.examples)
+        return not self.problem_count and bool(self.examples)
 
 
 class DatasetError(InvalidRequest):
@@ -71,59 +123,205 @@ class DatasetError(InvalidRequest):
         self.problems = problems
         total = total if total is not None else len(problems)
         shown = "\n".join(str(p) for p in problems[:20])
-        more = f"\n... and {total - 20} more" if total > 20 else ""
-        super().__init__(f"The dataset has {total} problem(s); nothing was started:\n{shown}{more}")
+        more = f"\n... and {total - 20:,} more" if total > 20 else ""
+        super().__init__(f"The dataset has {total:,} problem(s); nothing was started:\n{shown}{more}")
 
 
 # ---- unpacking ------------------------------------------------------------------------------------
 
-def prepare_dataset(upload: str | Path, dest: Path, max_bytes: int = MAX_ZIP_BYTES,
-                    max_files: int = MAX_ZIP_FILES) -> Path:
-    """Copy a ``.jsonl`` or safely extract a ``.zip`` into ``dest``; return the JSONL path inside it."""
+def prepare_dataset(upload: str | Path, dest: Path, limits: Limits | None = None) -> Path:
+    """Copy a ``.jsonl``/``.json`` or safely extract a ``.zip`` into ``dest``; return the dataset file inside it."""
+    limits = limits or Limits()
     upload = Path(upload)
     if not upload.is_file():
-        raise InvalidRequest(f"dataset file {upload.name!r} does not exist; upload a .jsonl or .zip file")
-    dest.mkdir(parents=True, exist_ok=True)
+        raise InvalidRequest(f"dataset file {quote(upload.name, 100)} does not exist; upload a .jsonl or .zip file")
     suffix = upload.suffix.lower()
-    if suffix == ".jsonl":
-        target = dest / "data.jsonl"
-        shutil.copyfile(upload, target)
-        return target
+    if suffix not in (*DATASET_SUFFIXES, ".zip"):
+        raise InvalidRequest(f"dataset must be a .jsonl file or a .zip holding one, got {quote(upload.name, 100)}")
+    dest.mkdir(parents=True, exist_ok=True)
     if suffix == ".zip":
-        return extract_zip(upload, dest, max_bytes=max_bytes, max_files=max_files)
-    raise InvalidRequest(f"dataset must be a .jsonl file or a .zip holding one, got {upload.name!r}")
+        return extract_zip(upload, dest, limits)
+    check_dataset_size(upload.name, upload.stat().st_size, limits)
+    target = dest / "data.jsonl"
+    shutil.copyfile(upload, target)
+    return target
 
 
-def extract_zip(archive: Path, dest: Path, max_bytes: int = MAX_ZIP_BYTES, max_files: int = MAX_ZIP_FILES) -> Path:
-    """Extract with zip-slip, symlink, size and file-count checks; return the one JSONL inside."""
+def check_dataset_size(name: str, size: int, limits: Limits) -> None:
+    if size > limits.dataset_bytes:
+        raise TooLarge(f"{quote(name, 100)} is {format_bytes(size)}; the limit for a dataset file is "
+                       f"{format_bytes(limits.dataset_bytes)}. Split it into smaller datasets.")
+
+
+def extract_zip(archive: Path, dest: Path, limits: Limits | None = None) -> Path:
+    """Extract with zip-slip, symlink, size and file-count checks; return the one JSONL inside.
+
+    The directory's sizes are checked before anything is written, and the bytes written are counted
+    again (a directory can lie), so that no zip costs more than ``limits.extracted_bytes`` of disk.
+    """
+    limits = limits or Limits()
     root = dest.resolve()
+    _check_entry_count(archive, limits)
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = [m for m in bundle.infolist() if not m.filename.startswith(IGNORED_ZIP_PREFIXES)]
-            files = [m for m in members if not m.is_dir()]
-            if len(files) > max_files:
-                raise InvalidRequest(f"the zip holds {len(files)} files; at most {max_files} are accepted")
-            total = sum(m.file_size for m in files)
-            if total > max_bytes:
-                raise InvalidRequest(f"the zip unpacks to {total / 1024**2:.0f} MB; at most "
-                                 f"{max_bytes / 1024**2:.0f} MB are accepted")
+            _check_members(members, root, limits)
+            dataset = _dataset_member(members, limits)
+            budget = limits.extracted_bytes
             for member in members:
-                target = (root / member.filename).resolve()
-                if member.filename.startswith(("/", "\\")) or (target != root and root not in target.parents):
-                    raise InvalidRequest(f"zip entry {member.filename!r} points outside the dataset folder")
-                if stat.S_ISLNK(member.external_attr >> 16):
-                    raise InvalidRequest(f"zip entry {member.filename!r} is a symbolic link; links are not accepted")
-            for member in members:
-                bundle.extract(member, root)
-    except zipfile.BadZipFile as exc:
-        raise InvalidRequest(f"{archive.name} is not a valid zip file: {exc}") from None
-    jsonl = sorted(p for p in root.rglob("*.jsonl") if "__MACOSX" not in p.parts)
-    if not jsonl:
-        raise InvalidRequest("the zip holds no .jsonl file; put the dataset's JSONL next to its images")
-    if len(jsonl) > 1:
-        names = ", ".join(str(p.relative_to(root)) for p in jsonl)
-        raise InvalidRequest(f"the zip holds several .jsonl files ({names}); keep exactly one")
-    return jsonl[0]
+                budget -= _extract_member(bundle, member, root, budget)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise InvalidRequest(f"{quote(archive.name, 100)} is not a valid zip file ({str(exc)[:200]}); "
+                             "create it again") from None
+    return (root / dataset.filename).resolve()
+
+
+def _check_entry_count(archive: Path, limits: Limits) -> None:
+    """Refuse a zip with too many entries from its end record, before its directory is read into memory.
+
+    ``zipfile`` builds an object per entry on opening (400 MB for the 700,000 entries a 60 MB zip can hold).
+    """
+    try:
+        with open(archive, "rb") as handle:
+            end = zipfile._EndRecData(handle)  # the stdlib's own reader of the end record
+    except OSError:
+        return  # zipfile reports an unreadable file itself
+    entries = end[zipfile._ECD_ENTRIES_TOTAL] if end is not None else 0
+    if entries > limits.extracted_files:
+        raise TooLarge(f"the zip holds {entries:,} entries; the limit is {limits.extracted_files:,} files. "
+                       "Leave out what the dataset does not use.")
+
+
+def _check_members(members: list[zipfile.ZipInfo], root: Path, limits: Limits) -> None:
+    files = [m for m in members if not m.is_dir()]
+    if len(files) > limits.extracted_files:
+        raise TooLarge(f"the zip holds {len(files):,} files; the limit is {limits.extracted_files:,}. "
+                       "Leave out what the dataset does not use.")
+    total = sum(m.file_size for m in files)
+    if total > limits.extracted_bytes:
+        raise TooLarge(f"the zip unpacks to {format_bytes(total)}; the limit is "
+                       f"{format_bytes(limits.extracted_bytes)}. Leave out what the dataset does not use, or split it.")
+    for member in members:
+        name = quote(member.filename, 100)
+        target = (root / member.filename).resolve()
+        if member.filename.startswith(("/", "\\")) or (target != root and root not in target.parents):
+            raise InvalidRequest(f"zip entry {name} points outside the dataset folder")
+        if stat.S_ISLNK(member.external_attr >> 16):
+            raise InvalidRequest(f"zip entry {name} is a symbolic link; links are not accepted")
+        if member.flag_bits & 0x1:
+            raise InvalidRequest(f"zip entry {name} is encrypted; upload a zip without a password")
+        if member.compress_type not in ZIP_METHODS:
+            raise InvalidRequest(f"zip entry {name} uses a compression method this app cannot read; "
+                                 "create the zip again with the usual (deflate) compression")
+
+
+def _dataset_member(members: list[zipfile.ZipInfo], limits: Limits) -> zipfile.ZipInfo:
+    datasets = [m for m in members if not m.is_dir() and m.filename.lower().endswith(".jsonl")]
+    if not datasets:
+        jsons = [m.filename for m in members if m.filename.lower().endswith(".json")]
+        hint = (f" (found {quote(', '.join(jsons), 100)}: save it as JSON Lines, one object per line, named .jsonl)"
+                if jsons else "")
+        raise InvalidRequest(f"the zip holds no .jsonl file{hint}; put the dataset's JSONL next to its images")
+    if len(datasets) > 1:
+        names = ", ".join(m.filename for m in datasets[:5])
+        raise InvalidRequest(f"the zip holds several .jsonl files ({quote(names, 200)}); keep exactly one")
+    check_dataset_size(datasets[0].filename, datasets[0].file_size, limits)
+    return datasets[0]
+
+
+def _extract_member(bundle: zipfile.ZipFile, member: zipfile.ZipInfo, root: Path, budget: int) -> int:
+    """Write one entry; returns the bytes written (TooLarge past ``budget``)."""
+    target = root / member.filename
+    if member.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with bundle.open(member) as source, open(target, "wb") as sink:
+        return copy_bounded(source, sink, budget)
+
+
+def copy_bounded(source, sink, budget: int) -> int:
+    """Copy ``source`` to ``sink``; TooLarge as soon as more than ``budget`` bytes come out."""
+    written = 0
+    while block := source.read(1024 * 1024):
+        written += len(block)
+        if written > budget:
+            raise TooLarge("the zip expands to more than its directory declares and past the limit of what a "
+                           "dataset may unpack to; create the zip again")
+        sink.write(block)
+    return written
+
+
+# ---- reading lines --------------------------------------------------------------------------------
+
+def read_lines(path: Path, limits: Limits) -> Iterator[tuple[int, str | None]]:
+    """``(line number, text)`` for each line; text is None for a line too long to hold a row.
+
+    Bytes that are not UTF-8 stay in the text as lone surrogates (U+DC80-U+DCFF) for the caller to
+    report with the line's number.
+    """
+    check_dataset_size(path.name, path.stat().st_size, limits)
+    number = 0
+    with open(path, "rb") as handle:
+        encoding, mark = _encoding(handle.read(4))
+        handle.seek(mark)
+        try:
+            for number, text in enumerate(_split_lines(_decoded(handle, encoding),
+                                                       limits.history_chars * _LINE_CHARS_PER_CHAR), start=1):
+                if number > limits.dataset_rows:
+                    raise TooLarge(f"the dataset has more than {limits.dataset_rows:,} lines, the limit; "
+                                   "split it into smaller datasets")
+                yield number, text
+        except UnicodeDecodeError:  # only UTF-16 and UTF-32: UTF-8 keeps bad bytes for a per-line problem
+            raise InvalidRequest(f"line {number + 1} is not valid {encoding.upper()}, the encoding the file's "
+                                 f"byte-order mark names; {SAVE_AS_UTF8}") from None
+
+
+def _encoding(head: bytes) -> tuple[str, int]:
+    """The encoding a byte-order mark names and the mark's length; UTF-8 without one."""
+    for mark, name in _BOMS:
+        if head.startswith(mark):
+            return name, len(mark)
+    return "utf-8", 0
+
+
+def _decoded(handle, encoding: str) -> Iterator[str]:
+    """Text read in blocks; on a decoding error, the text before it comes out first (for the line number)."""
+    errors = "surrogateescape" if encoding == "utf-8" else "strict"
+    decoder = codecs.getincrementaldecoder(encoding)(errors)
+    try:
+        while block := handle.read(_READ_BYTES):
+            yield decoder.decode(block)
+        yield decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        yield codecs.decode(exc.object[:exc.start], encoding)
+        raise
+
+
+def _split_lines(chunks: Iterator[str], max_chars: int) -> Iterator[str | None]:
+    """Lines ended by LF, CRLF or a lone CR (not by U+2028 and the like, which JSON strings may hold).
+
+    A line longer than ``max_chars`` is not kept in memory: it comes out as None.
+    """
+    pieces: list[str] = []
+    size, after_cr = 0, False
+    for chunk in chunks:
+        if after_cr and chunk.startswith("\n"):
+            chunk, after_cr = chunk[1:], False  # the LF of a CRLF that fell into the next chunk
+        if not chunk:
+            continue
+        after_cr = chunk.endswith("\r")
+        *ended, rest = _NEWLINE.split(chunk)
+        for part in ended:
+            yield None if size + len(part) > max_chars else "".join(pieces) + part
+            pieces, size = [], 0
+        size += len(rest)
+        if size > max_chars:
+            pieces = []
+        elif rest:
+            pieces.append(rest)
+    if size:
+        yield None if size > max_chars else "".join(pieces)
 
 
 # ---- validation -----------------------------------------------------------------------------------
@@ -138,144 +336,243 @@ def row_format(row: dict) -> str | None:
     return None
 
 
-def _text(row: dict, key: str, problems: list[str], required: bool = True) -> str:
-    if key not in row or row[key] is None:
+def _text(row: dict, key: str, problems: list[str], limits: Limits, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None:
         if required:
             problems.append(f"missing field {key!r}")
         return ""
-    value = row[key]
     if not isinstance(value, str):
         problems.append(f"field {key!r} must be a string, got {type(value).__name__}")
         return ""
     if required and not value.strip():
         problems.append(f"field {key!r} is empty")
+        return value
+    try:
+        check_text(f"field {key!r}", value, limits.text_chars, required=False)
+    except InvalidRequest as exc:
+        problems.append(str(exc))
     return value
 
 
-def check_image(value: str, folder: Path) -> tuple[Path | None, str]:
-    """Resolve an image path inside ``folder`` and verify it decodes; (path, "") or (None, problem)."""
-    if Path(value).is_absolute() or value.startswith(("\\", "~")):
-        return None, f"image path {value!r} must be relative to the dataset folder"
-    root = folder.resolve()
-    path = (root / value).resolve()
-    if root not in path.parents:
-        return None, f"image path {value!r} escapes the dataset folder"
-    if not path.is_file():
-        return None, f"image {value!r} is missing (upload a .zip holding the JSONL and its images)"
+def check_image(value: str, folder: Path, limits: Limits | None = None) -> tuple[Path | None, str]:
+    """Resolve an image path inside ``folder`` and check its size and data; (path, "") or (None, problem)."""
     from PIL import Image, UnidentifiedImageError
 
+    limits = limits or Limits()
+    name = quote(value, 100)
+    if "\x00" in value:
+        return None, f"image path {name} holds a NUL character"
+    if Path(value).is_absolute() or value.startswith(("\\", "~")):
+        return None, f"image path {name} must be relative to the dataset folder"
+    root = folder.resolve()
+    try:
+        path = (root / value).resolve()
+        found = root in path.parents and path.is_file()
+    except OSError as exc:  # a name too long for the file system, a loop of links
+        return None, f"image path {name} cannot be used ({exc.strerror})"
+    if root not in path.parents:
+        return None, f"image path {name} escapes the dataset folder"
+    if not found:
+        return None, f"image {name} is missing (upload a .zip holding the JSONL and its images)"
+    too_big = (f"image {name} is larger than the limits of {limits.image_pixels:,} pixels and "
+               f"{limits.image_side:,} pixels a side; resize it")
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > limits.image_pixels or max(width, height) > limits.image_side:
+                return None, f"{too_big} (it is {width}x{height})"
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return None, f"image {value!r} is unreadable ({exc.__class__.__name__})"
+    except Image.DecompressionBombError:  # Pillow's own ceiling, far above ours: the header declares a huge canvas
+        return None, f"{too_big} (its header declares a huge canvas: a decompression bomb?)"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        return None, f"image {name} is unreadable ({exc.__class__.__name__})"
     return path, ""
 
 
-def _example(row: dict, fmt: str, line: int, folder: Path) -> tuple[Example | None, list[str]]:
+def _vqa_example(row: dict, line: int, folder: Path, limits: Limits) -> tuple[Example | None, list[str]]:
     problems: list[str] = []
-    if fmt == "vqa":
-        key = "image" if "image" in row else "image_path"
-        image_value = _text(row, key, problems)
-        question = _text(row, "question", problems)
-        answer = _text(row, "answer", problems)
-        image = None
-        if image_value.strip():
-            image, problem = check_image(image_value, folder)
-            if problem:
-                problems.append(problem)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-                    {"role": "assistant", "content": answer}]
-        return (None if problems else Example(line, fmt, messages, image)), problems
-    if fmt == "instruction":
-        if "instruction" in row or "output" in row:
-            instruction = _text(row, "instruction", problems)
-            extra = _text(row, "input", problems, required=False)
-            answer = _text(row, "output", problems)
-            prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        else:
-            prompt = _text(row, "prompt", problems)
-            answer = _text(row, "response", problems)
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        return (None if problems else Example(line, fmt, messages)), problems
+    key = "image" if "image" in row else "image_path"
+    image_value = _text(row, key, problems, limits)
+    usable_path = image_value.strip() and not problems
+    question = _text(row, "question", problems, limits)
+    answer = _text(row, "answer", problems, limits)
+    image = None
+    if usable_path:
+        image, problem = check_image(image_value, folder, limits)
+        if problem:
+            problems.append(problem)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": answer}]
+    return (None if problems else Example(line, "vqa", messages, image, image_value)), problems
+
+
+def _instruction_example(row: dict, line: int, limits: Limits) -> tuple[Example | None, list[str]]:
+    problems: list[str] = []
+    if "instruction" in row or "output" in row:
+        instruction = _text(row, "instruction", problems, limits)
+        extra = _text(row, "input", problems, limits, required=False)
+        answer = _text(row, "output", problems, limits)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    else:
+        prompt = _text(row, "prompt", problems, limits)
+        answer = _text(row, "response", problems, limits)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return (None if problems else Example(line, "instruction", messages)), problems
+
+
+def _chat_example(row: dict, line: int, limits: Limits) -> tuple[Example | None, list[str]]:
+    """A chat row is checked by ``check_messages``, the rules every conversation in the app follows."""
     messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return None, ["field 'messages' must be a non-empty list of {role, content}"]
-    clean = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            problems.append(f"messages[{index}] must be an object with role and content")
-            continue
-        if message.get("role") not in ROLES:
-            problems.append(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            problems.append(f"messages[{index}].content must be a string, got {type(content).__name__}")
-        elif not content.strip():
-            problems.append(f"messages[{index}].content is empty")
-        clean.append({"role": message.get("role"), "content": content})
-    roles = [m["role"] for m in clean]
-    if not problems and "assistant" not in roles:
-        problems.append("messages has no assistant turn to learn from")
-    if not problems and "user" not in roles:
-        problems.append("messages has no user turn")
-    return (None if problems else Example(line, fmt, clean)), problems
-
-
-def parse_dataset(path: Path) -> ParsedDataset:
-    """Read every line; collect normalised examples and every problem with its line number."""
-    path = Path(path)
-    folder = path.parent
-    problems: list[Problem] = []
-    examples: list[Example] = []
-    seen: dict[str, int] = {}
-    dataset_format: str | None = None
-    format_line = 0
+    if isinstance(messages, list):  # the row's own size limits first, with advice that fits a dataset
+        if len(messages) > limits.history_turns:
+            return None, [f"messages has {len(messages):,} messages; the limit is {limits.history_turns:,}. "
+                          "Split the conversation into several rows."]
+        chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        if chars > limits.history_chars:
+            return None, [f"messages hold {chars:,} characters; the limit is {limits.history_chars:,}. "
+                          "Split the conversation into several rows."]
     try:
-        raw_lines = path.read_bytes().splitlines()
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read dataset {path.name}: {exc.strerror}") from None
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            problems.append(Problem(number, "not UTF-8 text"))
-            continue
-        if not text.strip():
-            continue
+        check_messages(messages, limits, roles=ROLES, what="messages", required=True)
+    except InvalidRequest as exc:
+        return None, [str(exc)]
+    clean = [{"role": m["role"], "content": m.get("content")} for m in messages]  # as written: whitespace is data
+    empty = [index for index, m in enumerate(clean) if not isinstance(m["content"], str) or not m["content"].strip()]
+    if empty:
+        return None, [f"messages[{empty[0]}].content is empty"]
+    roles = {m["role"] for m in clean}
+    if "assistant" not in roles:
+        return None, ["messages has no assistant turn to learn from"]
+    if "user" not in roles:
+        return None, ["messages has no user turn"]
+    return Example(line, "chat", clean), []
+
+
+def _example(row: dict, fmt: str, line: int, folder: Path, limits: Limits) -> tuple[Example | None, list[str]]:
+    if fmt == "vqa":
+        return _vqa_example(row, line, folder, limits)
+    if fmt == "instruction":
+        return _instruction_example(row, line, limits)
+    return _chat_example(row, line, limits)
+
+
+def _json_array_error() -> InvalidRequest:
+    return InvalidRequest("the file holds a JSON array of rows ([{...}, {...}]); this app reads JSON Lines, one "
+                          "JSON object per line. Convert it, e.g. jq -c '.[]' data.json > data.jsonl, or in "
+                          "pandas df.to_json('data.jsonl', orient='records', lines=True)")
+
+
+class _Parser:
+    """The state of one pass over a file: examples, problems, the format and where other formats start."""
+
+    def __init__(self, folder: Path, limits: Limits):
+        self.folder, self.limits = folder, limits
+        self.problems = Problems(limits.dataset_problems)
+        self.examples: list[Example] = []
+        self.format: str | None = None
+        self.format_line = 0
+        self.mixed: dict[str, tuple[Problem, list[int]]] = {}  # other format -> its first problem, its lines
+        self.seen: dict[str, int] = {}
+        self.rows = 0
+
+    def line(self, number: int, text: str | None) -> None:
+        if text is None:
+            self.problems.add(number, f"the line is longer than a row may be ({self.limits.history_chars:,} "
+                                      "characters of text); split it into several rows")
+            return
+        bad = _NOT_UTF8.search(text)
+        if bad:
+            self.problems.add(number, f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02X} at character "
+                                      f"{bad.start() + 1}); {SAVE_AS_UTF8}")
+            return
+        stripped = text.strip()
+        if not stripped:
+            return
+        if "\x00" in stripped:
+            raise InvalidRequest(f"line {number} holds NUL characters: the file looks like UTF-16 without a "
+                                 f"byte-order mark, or is not text; {SAVE_AS_UTF8}")
+        row = self._json(number, stripped)
+        if row is not None:
+            self._row(number, row)
+
+    def _json(self, number: int, text: str) -> dict | None:
+        first = not self.rows
+        self.rows += 1
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
-            problems.append(Problem(number, f"invalid JSON ({exc.msg} at column {exc.colno})"))
-            continue
+            if first and text.startswith("["):
+                raise _json_array_error() from None
+            self.problems.add(number, f"invalid JSON ({exc.msg} at column {exc.colno})")
+            return None
+        except RecursionError:
+            self.problems.add(number, "invalid JSON (nested too deeply)")
+            return None
+        if first and isinstance(row, list) and any(isinstance(item, dict) for item in row):
+            raise _json_array_error()
         if not isinstance(row, dict):
-            problems.append(Problem(number, f"expected a JSON object, got {type(row).__name__}"))
-            continue
+            self.problems.add(number, f"expected a JSON object, got {type(row).__name__}")
+            return None
+        return row
+
+    def _row(self, number: int, row: dict) -> None:
         fmt = row_format(row)
         if fmt is None:
-            problems.append(Problem(number, "unknown row format: expected image/question/answer, "
-                                            "instruction/output, prompt/response or messages"))
-            continue
-        if dataset_format is None:
-            dataset_format, format_line = fmt, number
-        elif fmt != dataset_format:
-            article = "an" if dataset_format[0] in "aeiou" else "a"
-            problems.append(Problem(number, f"{fmt} row in {article} {dataset_format} dataset (line {format_line} "
-                                            "set the format); formats cannot be mixed in one file"))
-            continue
-        digest = hashlib.sha1(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-        if digest in seen:
-            problems.append(Problem(number, f"duplicate of line {seen[digest]}"))
-            continue
-        seen[digest] = number
-        example, row_problems = _example(row, fmt, number, folder)
-        problems.extend(Problem(number, p) for p in row_problems)
+            self.problems.add(number, "unknown row format: expected image/question/answer, instruction/output, "
+                                      "prompt/response or messages")
+            return
+        if self.format is None:
+            self.format, self.format_line = fmt, number
+        elif fmt != self.format:
+            self._mixed(number, fmt)
+            return
+        text = json.dumps(row, sort_keys=True, ensure_ascii=False)
+        digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()  # lone surrogates: checked below
+        if digest in self.seen:
+            self.problems.add(number, f"duplicate of line {self.seen[digest]}")
+            return
+        self.seen[digest] = number
+        example, row_problems = _example(row, fmt, number, self.folder, self.limits)
+        for problem in row_problems:
+            self.problems.add(number, problem)
         if example is not None:
-            examples.append(example)
-    if not examples and not problems:
-        problems.append(Problem(0, "the dataset has no rows"))
-    return ParsedDataset(path=path, format=dataset_format, examples=examples, problems=problems,
-                         lines=len(raw_lines))
+            self.examples.append(example)
+
+    def _mixed(self, number: int, fmt: str) -> None:
+        """One problem where another format starts (not one per row): that line is what needs fixing."""
+        if fmt in self.mixed:
+            self.mixed[fmt][1].append(number)
+            return
+        self.mixed[fmt] = (self.problems.add(number, ""), [number])
+
+    def finish(self) -> None:
+        for fmt, (problem, lines) in self.mixed.items():
+            more = f" ({len(lines):,} {fmt} rows in all, the last at line {lines[-1]})" if len(lines) > 1 else ""
+            problem.message = (f"{_a(fmt)} {fmt} row starts here{more}, but line {self.format_line} made this "
+                               f"{_a(self.format)} {self.format} dataset; formats cannot be mixed in one file: "
+                               "keep one format per file")
+        if not self.examples and not self.problems.count:
+            self.problems.add(0, "the dataset has no rows")
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def parse_dataset(path: Path, limits: Limits | None = None) -> ParsedDataset:
+    """Read every line; collect normalised examples and the problems with their line numbers."""
+    limits = limits or Limits()
+    path = Path(path)
+    parser = _Parser(path.parent, limits)
+    lines = 0
+    try:
+        for lines, text in read_lines(path, limits):
+            parser.line(lines, text)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read dataset {quote(path.name, 100)}: {exc.strerror}") from None
+    parser.finish()
+    return ParsedDataset(path=path, format=parser.format, examples=parser.examples, problems=parser.problems.listed,
+                         lines=lines, problem_count=parser.problems.count)
 
 
 def split_examples(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -334,56 +631,185 @@ def _text_only(messages: list[dict]) -> list[dict]:
     return flat
 
 
-def encode_example(example: Example, processor, max_length: int, is_vlm: bool) -> dict:
-    """Token ids and labels where only assistant answers count (everything else is -100).
+UNSTABLE_TEMPLATE = ("the model's chat template does not render turns as a stable prefix, so answer tokens cannot "
+                     "be located")
 
-    Returns ``input_ids``, ``labels``, ``pixel_values`` (VLM with image, else None), ``prompt_tokens``
-    (tokens before the first answer), ``tokens`` (before truncation) and ``truncated``.
+
+def _answer_spans_exact(processor, messages: list[dict], image, is_vlm: bool):
+    """(ids, pixel values, answer spans) by rendering the prefix before and through every answer.
+
+    The reference labelling, but its cost grows with the square of the row's length: short rows only.
     """
-    if example.image is not None and not is_vlm:
-        raise InvalidRequest(f"line {example.line}: image rows need a VQA model; choose one of the vqa models")
-    messages = example.messages if is_vlm else _text_only(example.messages)
-    image = example.image
     full_ids, pixel_values = _ids(processor, _render(processor, messages, False), image, is_vlm)
-    labels = [-100] * len(full_ids)
-    prompt_tokens = None
+    spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before, _ = _ids(processor, _render(processor, messages[:index], True), image, is_vlm)
         through, _ = _ids(processor, _render(processor, messages[:index + 1], False), image, is_vlm)
         if full_ids[:len(through)] != through or through[:len(before)] != before:
-            raise InvalidRequest(f"line {example.line}: the model's chat template does not render turns as a "
-                             "stable prefix, so answer tokens cannot be located")
-        labels[len(before):len(through)] = full_ids[len(before):len(through)]
-        if prompt_tokens is None:
-            prompt_tokens = len(before)
+            raise InvalidRequest(UNSTABLE_TEMPLATE)
+        spans.append((len(before), len(through)))
+    return full_ids, pixel_values, spans
+
+
+def _turn_segments(processor, messages: list[dict]) -> tuple[list[str], set[int]] | None:
+    """The row's rendering cut at turn boundaries, and which pieces are answers; None if it does not cut.
+
+    Each turn is rendered after the turn or two before it (so that role checks in templates pass): the
+    text it adds is that turn's piece. An answer's piece is split after the generation prompt.
+    """
+    segments, answers = [_render(processor, messages[:1], False)], set()
+    for index in range(1, len(messages)):
+        start = index - 1 if messages[index - 1]["role"] != "assistant" else max(index - 2, 0)
+        head = _render(processor, messages[start:index], False)
+        whole = _render(processor, messages[start:index + 1], False)
+        if not whole.startswith(head):
+            return None
+        piece = whole[len(head):]
+        if messages[index]["role"] != "assistant":
+            segments.append(piece)
+            continue
+        prompt = _render(processor, messages[start:index], True)
+        prompt = prompt[len(head):] if prompt.startswith(head) else None
+        if prompt is None or not piece.startswith(prompt):
+            return None
+        segments.append(prompt)
+        answers.add(len(segments))
+        segments.append(piece[len(prompt):])
+    return segments, answers
+
+
+def _answer_spans_linear(processor, messages: list[dict], is_vlm: bool):
+    """The same spans as ``_answer_spans_exact`` in time linear in the row's length, or None.
+
+    The row is rendered and tokenized once; each turn is rendered in a small window. The pieces must
+    add up to the whole rendering, and their tokens to the whole row's tokens, or None is returned.
+    """
+    import jinja2
+
+    if messages[0]["role"] == "assistant":
+        return None
+    try:
+        cut = _turn_segments(processor, messages)
+    except jinja2.TemplateError:  # the template refused a window (a role order it checks)
+        return None
+    full_text = _render(processor, messages, False)
+    if cut is None or "".join(cut[0]) != full_text:
+        return None
+    segments, answers = cut
+    full_ids, _ = _ids(processor, full_text, None, is_vlm)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pieces = tokenizer(segments, add_special_tokens=False)["input_ids"]
+    if [token for piece in pieces for token in piece] != full_ids:
+        return None
+    spans, position = [], 0
+    for index, piece in enumerate(pieces):
+        if index in answers:
+            spans.append((position, position + len(piece)))
+        position += len(piece)
+    return full_ids, None, spans
+
+
+def _answer_spans(processor, messages: list[dict], image, is_vlm: bool):
+    """(ids, pixel values, answer spans): linear when the template allows it, else exact for short rows."""
+    import jinja2
+
+    try:
+        found = _answer_spans_linear(processor, messages, is_vlm) if image is None else None
+        if found is not None:
+            return found
+        if len(messages) > _EXACT_MAX_MESSAGES:
+            raise InvalidRequest(f"the row has {len(messages):,} messages, and the model's chat template cannot be "
+                                 f"checked turn by turn; rows of more than {_EXACT_MAX_MESSAGES} messages need a "
+                                 "template that renders each turn on its own. Split the conversation into rows.")
+        return _answer_spans_exact(processor, messages, image, is_vlm)
+    except jinja2.TemplateError as exc:  # e.g. a template that requires user and assistant turns to alternate
+        raise InvalidRequest(f"the model's chat template refuses this row: {str(exc)[:200]}") from None
+
+
+def _encode(example: Example, processor, max_length: int, is_vlm: bool) -> dict:
+    if example.image is not None and not is_vlm:
+        raise InvalidRequest("image rows need a VQA model; choose one of the vqa models")
+    messages = example.messages if is_vlm else _text_only(example.messages)
+    full_ids, pixel_values, spans = _answer_spans(processor, messages, example.image, is_vlm)
+    labels = [-100] * len(full_ids)
+    for start, end in spans:
+        labels[start:end] = full_ids[start:end]
     total = len(full_ids)
     return {
         "input_ids": full_ids[:max_length],
         "labels": labels[:max_length],
         "pixel_values": pixel_values,
-        "prompt_tokens": prompt_tokens or 0,
+        "prompt_tokens": spans[0][0] if spans else 0,
         "tokens": total,
         "truncated": total > max_length,
     }
 
 
-def encode_all(examples: list[Example], processor, max_length: int, is_vlm: bool) -> list[dict]:
-    """Encode every example; a prompt that does not fit in ``max_length`` is a config error."""
-    encoded = []
-    too_long = []
+def encode_example(example: Example, processor, max_length: int, is_vlm: bool) -> dict:
+    """Token ids and labels where only assistant answers count (everything else is -100).
+
+    Returns ``input_ids``, ``labels``, ``pixel_values`` (VLM with image, else None), ``prompt_tokens``
+    (tokens before the first answer), ``tokens`` (before truncation) and ``truncated``.
+    """
+    try:
+        return _encode(example, processor, max_length, is_vlm)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"line {example.line}: {exc}") from None
+
+
+def _count_tokens(total: int, limits: Limits) -> None:
+    if total > limits.dataset_tokens:
+        raise TooLarge(f"the dataset holds more than {limits.dataset_tokens:,} tokens, the limit; "
+                       "split it into smaller datasets")
+
+
+def _prompts_too_long(lengths: list[tuple[int, int]], max_length: int) -> Problem | None:
+    """One problem for every row whose prompt leaves no room for an answer: ``lengths`` is (line, prompt tokens)."""
+    over = [(line, prompt) for line, prompt in lengths if prompt >= max_length]
+    if not over:
+        return None
+    return Problem(over[0][0], f"max_length {max_length} is below the prompt length of {len(over):,} row(s) "
+                               f"(longest prompt {max(p for _, p in over)} tokens): no answer token would be "
+                               "trained; raise max_length")
+
+
+def encode_all(examples: list[Example], processor, max_length: int, is_vlm: bool,
+               limits: Limits | None = None) -> list[dict]:
+    """Encode every example for training; a prompt that does not fit in ``max_length`` is a config error."""
+    limits = limits or Limits()
+    encoded, total = [], 0
     for example in examples:
         item = encode_example(example, processor, max_length, is_vlm)
-        if item["prompt_tokens"] >= max_length:
-            too_long.append(Problem(example.line, f"prompt is {item['prompt_tokens']} tokens, max_length is "
-                                                  f"{max_length}: no answer token would be trained"))
+        total += item["tokens"]
+        _count_tokens(total, limits)
         encoded.append(item)
-    if too_long:
-        raise InvalidRequest(f"max_length {max_length} is below the prompt length of {len(too_long)} row(s) "
-                         f"(longest prompt {max(e['prompt_tokens'] for e in encoded)} tokens); raise max_length. "
-                         + "; ".join(str(p) for p in too_long[:5]))
+    problem = _prompts_too_long([(e.line, item["prompt_tokens"]) for e, item in zip(examples, encoded, strict=True)],
+                                max_length)
+    if problem is not None:
+        raise InvalidRequest(str(problem))
     return encoded
+
+
+def token_lengths(examples: list[Example], processor, max_length: int, is_vlm: bool, limits: Limits,
+                  problems: Problems) -> list[dict]:
+    """Per row: line, tokens, prompt tokens, truncated (no ids: a report needs only lengths).
+
+    A row that cannot be encoded is a problem; past ``limits.dataset_tokens`` tokens, TooLarge.
+    """
+    lengths, total = [], 0
+    for example in examples:
+        try:
+            item = _encode(example, processor, max_length, is_vlm)
+        except InvalidRequest as exc:
+            problems.add(example.line, str(exc))
+            continue
+        total += item["tokens"]
+        _count_tokens(total, limits)
+        lengths.append({"line": example.line, "tokens": item["tokens"], "prompt_tokens": item["prompt_tokens"],
+                        "truncated": item["truncated"]})
+    return lengths
 
 
 def token_stats(encoded: list[dict], max_length: int) -> dict:
@@ -408,47 +834,74 @@ def preview_rows(examples: list[Example], count: int = PREVIEW_ROWS) -> list[dic
     for example in examples[:count]:
         prompt = _text_only([m for m in example.messages if m["role"] != "assistant"])
         answers = [m["content"] for m in example.messages if m["role"] == "assistant"]
-        rows.append({"line": example.line, "prompt": "\n".join(m["content"] for m in prompt),
-                     "answer": "\n".join(answers), "image": str(example.image) if example.image else None})
+        rows.append({"line": example.line, "prompt": _cut("\n".join(m["content"] for m in prompt)),
+                     "answer": _cut("\n".join(answers)), "image": example.image_name or None})
     return rows
 
 
-def validate(path: Path, val_fraction: float = 0.1, seed: int = 42, processor=None, is_vlm: bool = False,
-             max_length: int = 512) -> dict:
-    """The JSON report for a JSONL file: problems with line numbers, counts, token stats, preview.
+def _cut(text: str, limit: int = PREVIEW_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
-    Token statistics need ``processor`` (the chosen model's tokenizer or processor); without it they
-    are left out.
+
+def preview_images(examples: list[Example], count: int = PREVIEW_ROWS, side: int = 256) -> list[tuple[object, str]]:
+    """Small in-memory copies of the preview rows' images with their captions (the files may go away)."""
+    from PIL import Image
+
+    thumbnails = []
+    for example in examples[:count]:
+        if example.image is None:
+            continue
+        with Image.open(example.image) as image:
+            image.thumbnail((side, side))
+            thumbnails.append((image.convert("RGB"), f"line {example.line}"))
+    return thumbnails
+
+
+def validate(path: Path, val_fraction: float = 0.1, seed: int = 42, processor=None, is_vlm: bool = False,
+             max_length: int = 512, limits: Limits | None = None, base_model: str = "") -> dict:
+    """The JSON report for a dataset file: problems with line numbers, counts, token stats, preview.
+
+    The same judgement decides whether a run may start (``report["ok"]``). Token statistics need
+    ``processor`` (the chosen model's tokenizer or processor); without it they are left out.
     """
-    parsed = parse_dataset(path)
-    report: dict = {
-        "ok": parsed.ok,
-        "format": parsed.format,
-        "lines": parsed.lines,
-        "valid_rows": len(parsed.examples),
-        "problem_count": len(parsed.problems),
-        "problems": [{"line": p.line, "message": p.message} for p in parsed.problems[:MAX_PROBLEMS_LISTED]],
-        "preview": preview_rows(parsed.examples),
-    }
+    limits = limits or Limits()
+    return report(parse_dataset(path, limits), val_fraction, seed, processor, is_vlm, max_length, limits,
+                  base_model)
+
+
+def report(parsed: ParsedDataset, val_fraction: float, seed: int, processor, is_vlm: bool, max_length: int,
+           limits: Limits, base_model: str = "") -> dict:
+    """The report of an already parsed dataset (see ``validate``)."""
+    problems = Problems(limits.dataset_problems)
+    problems.listed, problems.count = list(parsed.problems), parsed.problem_count
+    if processor is not None and parsed.format == "vqa" and not is_vlm:
+        problems.listed.insert(0, Problem(0, f"{base_model or 'the model'} is a text model but the rows have "
+                                             "images; choose a VQA model"))
+        problems.count += 1
+    result: dict = {"format": parsed.format, "lines": parsed.lines, "valid_rows": len(parsed.examples),
+                    "preview": preview_rows(parsed.examples)}
     if parsed.examples:
         train, val = split_examples(parsed.examples, val_fraction, seed)
-        report["split"] = {"train": len(train), "validation": len(val), "seed": seed, "val_fraction": val_fraction}
-    if processor is not None and parsed.ok:
-        try:
-            encoded = [encode_example(e, processor, max_length, is_vlm) for e in parsed.examples]
-        except ValueError as exc:
-            report.update(ok=False, problem_count=1, problems=[{"line": 0, "message": str(exc)}])
-            return report
-        report["tokens"] = token_stats(encoded, max_length)
-        over = [e.line for e, item in zip(parsed.examples, encoded, strict=True) if item["prompt_tokens"] >= max_length]
-        if over:
-            report["ok"] = False
-            report["problems"].append({"line": over[0], "message": f"{len(over)} prompt(s) do not fit in "
-                                       f"max_length {max_length}; raise max_length"})
-            report["problem_count"] += 1
-    return report
+        result["split"] = {"train": len(train), "validation": len(val), "seed": seed, "val_fraction": val_fraction}
+    if processor is not None and not problems.count and parsed.examples:
+        lengths = token_lengths(parsed.examples, processor, max_length, is_vlm, limits, problems)
+        result["tokens"] = token_stats(lengths, max_length)
+        too_long = _prompts_too_long([(item["line"], item["prompt_tokens"]) for item in lengths], max_length)
+        if too_long is not None:
+            problems.add(too_long.line, too_long.message)
+    if base_model:
+        result["base_model"] = base_model
+    return {"ok": not problems.count and bool(parsed.examples), **result, "problem_count": problems.count,
+            "problems": [{"line": p.line, "message": p.message} for p in problems.listed]}
+
+
+def require_ok(result: dict) -> None:
+    """Raise DatasetError when a report says the dataset cannot be trained on."""
+    if not result["ok"]:
+        problems = [Problem(p["line"], p["message"]) for p in result["problems"]]
+        raise DatasetError(problems, result["problem_count"])
 
 
 def require_valid(parsed: ParsedDataset) -> None:
-    if parsed.problems:
-        raise DatasetError(parsed.problems)
+    if parsed.problem_count:
+        raise DatasetError(parsed.problems, parsed.problem_count)

@@ -3,6 +3,9 @@
 A run lives in ``<runs_dir>/<run_id>/``: ``config.yaml``, ``data/`` (the dataset copy),
 ``log.jsonl`` (written by the training process), ``process.log`` (its stdout/stderr) and
 ``checkpoints/``. The state of a run is derived from its log and the process's exit code.
+
+The validator and a start judge a dataset by the same function (``_check_dataset``). A start that is
+refused or fails removes its run folder; a validation removes its folder once the report is built.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,18 +23,48 @@ import threading
 import time
 from pathlib import Path
 
+from finetune import data
 from finetune.config import RunConfig, cli_command, parse_config
-from finetune.data import DatasetError, parse_dataset, prepare_dataset
-from models.errors import Busy, InvalidRequest
+from models import retention
+from models.errors import Busy, InvalidRequest, quote
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVE_STATES = ("starting", "running", "stopping", "finishing")
 LOG_TAIL_LINES = 12
 STOP_GRACE_SECONDS = 60
+RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")  # what new_run_id makes: 20250131-235959-a1b2c3
 
 
 class RunBusyError(Busy):
     """A training run is already in progress."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """What the validator returns: the JSON report and thumbnails of the preview rows' images."""
+
+    report: dict
+    thumbnails: list  # (PIL image, caption)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def check_run_id(run_id) -> str:
+    """``run_id`` if it is exactly a run id; anything else (a path, '..', too long, not text) is refused."""
+    if run_id is None or (isinstance(run_id, str) and not run_id.strip()):
+        raise InvalidRequest("run_id is required (the value /finetune_start returned)")
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise InvalidRequest(f"run_id must be a run id such as 20250131-235959-a1b2c3 (the value /finetune_start "
+                             f"returned), got {quote(run_id, 80)}")
+    return run_id
+
+
+def _require_upload(dataset) -> Path:
+    if dataset is None or (isinstance(dataset, str) and not dataset.strip()):
+        raise InvalidRequest("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
+    return Path(dataset)
 
 
 @dataclasses.dataclass
@@ -146,33 +181,39 @@ class TrainingRunner:
     # ---- start --------------------------------------------------------------------------------
 
     def prepare(self, dataset, config) -> tuple[RunConfig, str, Path]:
-        """Validate config and dataset and write the run folder; (config, run_id, run_dir)."""
-        config = parse_config(config).validate(self.catalog)
-        if dataset is None or (isinstance(dataset, str) and not dataset.strip()):
-            raise InvalidRequest("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
-        run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        """Validate config and dataset and write the run folder; (config, run_id, run_dir).
+
+        Nothing is left behind when the config or the dataset is refused.
+        """
+        config = parse_config(config, self.settings.limits).validate(self.catalog)
+        upload = _require_upload(dataset)
+        run_id = new_run_id()
         run_dir = self.settings.runs_dir / run_id
-        data_path = prepare_dataset(Path(dataset), run_dir / "data",
-                                    max_bytes=max(self.settings.max_upload_mb, 1) * 1024**2 * 20)
-        parsed = parse_dataset(data_path)
-        if parsed.problems:
-            raise DatasetError(parsed.problems)
-        if parsed.format == "vqa" and self.catalog.get(config.base_model).family != "vlm":
-            raise InvalidRequest(f"{config.base_model} is a text model but the dataset has images; choose a VQA model")
-        self._check_prompts_fit(parsed, config)
-        config = dataclasses.replace(
-            config, dataset=str(data_path), run_dir=str(run_dir), cache_dir=str(self.settings.cache_dir),
-            models_dir=str(self.settings.offline_models_dir), offline=self.settings.offline,
-            device=self.settings.device, resume_from="")  # resuming is only offered for this app's own runs
-        config.save(run_dir / "config.yaml")
+        try:
+            parsed, report = self._check_dataset(upload, run_dir / "data", config)
+            data.require_ok(report)
+            config = dataclasses.replace(
+                config, dataset=str(parsed.path), run_dir=str(run_dir), cache_dir=str(self.settings.cache_dir),
+                models_dir=str(self.settings.offline_models_dir), offline=self.settings.offline,
+                device=self.settings.device, resume_from="")  # resuming is only offered for this app's own runs
+            config.save(run_dir / "config.yaml")
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         return config, run_id, run_dir
 
-    def _check_prompts_fit(self, parsed, config: RunConfig) -> None:
-        """Tokenize with the model's tokenizer: a prompt longer than max_length is a config error."""
-        from finetune.data import encode_all, load_text_processor
+    def _check_dataset(self, upload: Path, folder: Path, config: RunConfig) -> tuple[data.ParsedDataset, dict]:
+        """Unpack the upload into ``folder`` and judge it for ``config``: (parsed dataset, report).
 
-        processor, is_vlm = load_text_processor(config.base_model, self.settings, self.catalog)
-        encode_all(parsed.examples, processor, config.max_length, is_vlm)
+        The one judgement of a dataset: the validator shows this report, and a start refuses unless it is ok.
+        """
+        limits = self.settings.limits
+        path = data.prepare_dataset(upload, folder, limits)
+        parsed = data.parse_dataset(path, limits)
+        processor, is_vlm = data.load_text_processor(config.base_model, self.settings, self.catalog)
+        report = data.report(parsed, config.val_fraction, config.seed, processor, is_vlm, config.max_length, limits,
+                             base_model=config.base_model)
+        return parsed, report
 
     def start(self, dataset, config, resume_run: str = "") -> str:
         """Start a run in its own process group; returns its run id. Raises RunBusyError if one runs."""
@@ -180,59 +221,45 @@ class TrainingRunner:
             self._refuse_if_busy()
             if resume_run:
                 run_id, run_dir = resume_run, self._run_dir(resume_run)
-                config_path = run_dir / "config.yaml"
-                args = ["--resume", "latest"]
                 if not list((run_dir / "checkpoints").glob("checkpoint-*")):
                     raise InvalidRequest(f"run {run_id} has no checkpoint to resume from")
-            else:
-                _, run_id, run_dir = self.prepare(dataset, config)
-                config_path, args = run_dir / "config.yaml", []
-            if self.manager is not None:
-                self.manager.unload_all()  # training takes the device; chat/VQA reload on their next call
-            output = open(run_dir / "process.log", "ab")
+                self._current = self._launch(run_id, run_dir, ["--resume", "latest"])
+                return run_id
+            _, run_id, run_dir = self.prepare(dataset, config)
             try:
-                popen = subprocess.Popen(
-                    [sys.executable, "-m", "finetune.train", str(config_path), *args],
-                    cwd=str(ROOT), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                 "TOKENIZERS_PARALLELISM": "false"})
-            finally:
-                output.close()
-            self._current = _Process(run_id=run_id, popen=popen, run_dir=run_dir)
-            return run_id
+                self._current = self._launch(run_id, run_dir, [])
+            except BaseException:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a run that never started leaves nothing
+                raise
+        # Older finished runs and uploads make room, oldest first; this run and adapters are kept
+        retention.enforce(self.settings, protect=[run_dir], is_running=lambda rid: rid == self.active_run())
+        return run_id
+
+    def _launch(self, run_id: str, run_dir: Path, args: list[str]) -> _Process:
+        if self.manager is not None:
+            self.manager.unload_all()  # training takes the device; chat/VQA reload on their next call
+        with open(run_dir / "process.log", "ab") as output:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "finetune.train", str(run_dir / "config.yaml"), *args],
+                cwd=str(ROOT), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+        return _Process(run_id=run_id, popen=popen, run_dir=run_dir)
 
     def validate(self, dataset, base_model: str, max_length: int = 512, val_fraction: float = 0.1,
-                 seed: int = 42) -> dict:
-        """The dataset report for an upload, with token statistics from ``base_model``'s tokenizer."""
-        from finetune.data import load_text_processor, validate
+                 seed: int = 42) -> Validation:
+        """The dataset report for an upload, with token statistics from ``base_model``'s tokenizer.
 
-        if dataset is None or (isinstance(dataset, str) and not dataset.strip()):
-            raise InvalidRequest("Upload a dataset (.jsonl, or .zip with the JSONL and its images).")
+        The upload is unpacked into a folder of its own, removed once the report and thumbnails are made.
+        """
         probe = RunConfig(base_model=base_model, max_length=max_length, val_fraction=val_fraction, seed=seed)
         probe.validate(self.catalog)
-        folder = self.settings.cache_dir / "validation" / secrets.token_hex(6)
-        self._prune(folder.parent, keep=4)
-        path = prepare_dataset(Path(dataset), folder, max_bytes=max(self.settings.max_upload_mb, 1) * 1024**2 * 20)
-        processor, is_vlm = load_text_processor(base_model, self.settings, self.catalog)
-        report = validate(path, val_fraction, seed, processor=processor, is_vlm=is_vlm, max_length=max_length)
-        if report["format"] == "vqa" and not is_vlm:
-            report["ok"] = False
-            report["problems"].insert(0, {"line": 0, "message": f"{base_model} is a text model but the rows have "
-                                                                "images; choose a VQA model"})
-            report["problem_count"] += 1
-        report["base_model"] = base_model
-        return report
-
-    @staticmethod
-    def _prune(folder: Path, keep: int) -> None:
-        """Drop all but the newest ``keep`` validation folders (their images back the preview)."""
-        import shutil
-
-        if not folder.is_dir():
-            return
-        old = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime)[:-keep or None]
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
+        upload = _require_upload(dataset)
+        folder = self.settings.cache_dir / "validation" / secrets.token_hex(8)
+        try:
+            parsed, report = self._check_dataset(upload, folder, probe)
+            return Validation(report, data.preview_images(parsed.examples))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def resume(self, run_id: str) -> str:
         return self.start(None, None, resume_run=run_id)
@@ -248,12 +275,9 @@ class TrainingRunner:
     # ---- follow -------------------------------------------------------------------------------
 
     def _run_dir(self, run_id) -> Path:
-        if not isinstance(run_id, str) or not run_id.strip():
-            raise InvalidRequest("run_id is required (the value /finetune_start returned)")
-        root = self.settings.runs_dir.resolve()
-        run_dir = (root / run_id).resolve()
-        if run_dir.parent != root or not (run_dir / "config.yaml").is_file():
-            raise InvalidRequest(f"Unknown run {run_id!r}")
+        run_dir = self.settings.runs_dir / check_run_id(run_id)
+        if not (run_dir / "config.yaml").is_file():
+            raise InvalidRequest(f"Unknown run {run_id}: this app has no run of that id")
         return run_dir
 
     def status(self, run_id: str) -> dict:

@@ -79,11 +79,13 @@ def target_modules_pattern(model, wanted: str | list[str]) -> str:
 
 
 def _settings(config: RunConfig):
+    from models.limits import Limits
     from models.settings import Settings
 
+    # The app's WORKBENCH_LIMIT_* variables reach this process too: it applies the limits the app checked with.
     return Settings(cache_dir=Path(config.cache_dir), models_dir=Path(config.models_dir) if config.models_dir else None,
                     offline=config.offline, offline_reason="the run config says offline" if config.offline else "",
-                    device=config.device)
+                    device=config.device, limits=Limits.from_env())
 
 
 def load_base(config: RunConfig, catalog, settings, device: str):
@@ -272,47 +274,12 @@ def save_adapter(model, processor, config: RunConfig, metrics: dict, spec, adapt
     return target
 
 
-def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, resume: str = "") -> dict:
-    """Train; returns the ``done`` record's fields."""
+def training_arguments(config: RunConfig, run_dir: Path, device: str, precision, evaluate: bool):
+    """The Trainer's arguments for this config: log every step, save and evaluate as the config asks."""
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments
 
-    from finetune.data import encode_all, parse_dataset, prepare_dataset, require_valid, split_examples
-    from models.catalog import Catalog
-    from models.memory import resolve_device
-
-    catalog = Catalog.load()
-    config.validate(catalog)
-    settings = _settings(config)
-    device = resolve_device(config.device)
-    set_seed(config.seed)
-
-    # 1. Data: read and check every row again; the file may have changed since the UI validated it
-    dataset_path = Path(config.dataset)
-    if dataset_path.suffix.lower() == ".zip":
-        dataset_path = prepare_dataset(dataset_path, run_dir / "data")
-    parsed = parse_dataset(dataset_path)
-    require_valid(parsed)
-    train_rows, val_rows = split_examples(parsed.examples, config.val_fraction, config.seed)
-
-    # 2. Model: quantized base, LoRA on the language model's linear layers
-    log.write("loading", base_model=config.base_model, quantization=config.quantization, device=device)
-    model, processor, is_vlm, precision = load_base(config, catalog, settings, device)
-    release_host_memory()
-    if stopper.requested:
-        return {"state": "stopped", "adapter": None, "checkpoint": None, "metrics": {"steps": 0}}
-    train_items = encode_all(train_rows, processor, config.max_length, is_vlm)
-    val_items = encode_all(val_rows, processor, config.max_length, is_vlm) if val_rows else []
-    model = add_lora(model, config, precision)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.write("model", weights_mb=round(model.get_memory_footprint() / 1024**2, 2), rss_mb=current_rss_mb(),
-              trainable_params=trainable, all_params=total, precision=precision.name)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    # 3. Trainer
-    evaluate = bool(val_items) and config.eval_steps > 0
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -338,13 +305,56 @@ def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, re
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",
     )
+
+
+def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, resume: str = "") -> dict:
+    """Train; returns the ``done`` record's fields."""
+    import torch
+    from transformers import Trainer, set_seed
+
+    from finetune.data import encode_all, parse_dataset, prepare_dataset, require_valid, split_examples
+    from models.catalog import Catalog
+    from models.memory import resolve_device
+
+    catalog = Catalog.load()
+    config.validate(catalog)
+    settings = _settings(config)
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+
+    # 1. Data: read and check every row again; the file may have changed since the UI validated it
+    dataset_path = Path(config.dataset)
+    if dataset_path.suffix.lower() == ".zip":
+        dataset_path = prepare_dataset(dataset_path, run_dir / "data", settings.limits)
+    parsed = parse_dataset(dataset_path, settings.limits)
+    require_valid(parsed)
+    train_rows, val_rows = split_examples(parsed.examples, config.val_fraction, config.seed)
+
+    # 2. Model: quantized base, LoRA on the language model's linear layers
+    log.write("loading", base_model=config.base_model, quantization=config.quantization, device=device)
+    model, processor, is_vlm, precision = load_base(config, catalog, settings, device)
+    release_host_memory()
+    if stopper.requested:
+        return {"state": "stopped", "adapter": None, "checkpoint": None, "metrics": {"steps": 0}}
+    train_items = encode_all(train_rows, processor, config.max_length, is_vlm, settings.limits)
+    val_items = encode_all(val_rows, processor, config.max_length, is_vlm, settings.limits) if val_rows else []
+    model = add_lora(model, config, precision)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.write("model", weights_mb=round(model.get_memory_footprint() / 1024**2, 2), rss_mb=current_rss_mb(),
+              trainable_params=trainable, all_params=total, precision=precision.name)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # 3. Trainer
+    evaluate = bool(val_items) and config.eval_steps > 0
+    args = training_arguments(config, run_dir, device, precision, evaluate)
     trainer = Trainer(model=model, args=args, train_dataset=train_items, eval_dataset=val_items or None,
                       data_collator=Collator(pad_id), callbacks=make_callbacks(log, stopper))
     checkpoint = None
     if resume:
         checkpoint = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
         if checkpoint is None or not checkpoint.is_dir():
-            raise InvalidRequest(f"no checkpoint to resume from in {run_dir / 'checkpoints'}")
+            raise InvalidRequest("no checkpoint to resume from in this run's checkpoints folder")
         log.write("resuming", checkpoint=str(checkpoint))
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 

@@ -1,17 +1,28 @@
 """Fine-tune (QLoRA) tab: validate a dataset, configure a run, follow its loss, stop or resume it.
 
 Training runs in its own process (finetune.train) driven by finetune.runner.TrainingRunner; this
-module only turns widget values into plain values and back.
+module only turns widget values into plain values and back. ``_layout`` places the components;
+``_wire_dataset``, ``_wire_config``, ``_wire_run`` and ``_wire_api`` connect their events.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+from types import SimpleNamespace
 
 import gradio as gr
 
-from finetune.config import PRESETS, QUANTIZATIONS, SCHEDULERS, RunConfig, cli_command, parse_config, with_preset
+from finetune.config import (
+    PRESETS,
+    QUANTIZATIONS,
+    SCHEDULERS,
+    TRAINABLE_TASKS,
+    RunConfig,
+    command_help,
+    parse_config,
+    with_preset,
+)
 from finetune.runner import ACTIVE_STATES, TrainingRunner
 from models.checks import check_number
 from models.errors import InvalidRequest
@@ -19,7 +30,6 @@ from tabs.common import user_errors
 
 POLL_SECONDS = 2
 LOSS_COLORS = {"train": "#6366f1", "eval": "#f59e0b"}
-TRAINABLE_TASKS = ("chat", "vqa")
 # Form fields in widget order; each one is a RunConfig attribute.
 FORM_FIELDS = ("base_model", "adapter_name", "quantization", "lora_r", "lora_alpha", "lora_dropout",
                "target_modules", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum",
@@ -45,15 +55,6 @@ def upload_path(dataset) -> str | None:
     if uploads not in Path(path).resolve().parents:
         raise InvalidRequest("dataset must be a file uploaded to this app (use handle_file(...) with gradio_client)")
     return path
-
-
-def preview_image(path: str):
-    """A small in-memory copy, so the gallery works wherever the cache folder lives."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.thumbnail((256, 256))
-        return image.convert("RGB")
 
 
 def form_to_config(*values) -> RunConfig:
@@ -128,123 +129,166 @@ def build(manager, settings) -> None:
     runner = TrainingRunner(settings, manager)
     atexit.register(runner.close)  # a run still going when the app exits stops with a checkpoint
     defaults = RunConfig(base_model=manager.catalog.default_for("chat", settings.offline))
-    model_choices = [(spec.label, spec.id) for spec in manager.catalog if spec.task in TRAINABLE_TASKS]
+    ui = _layout(manager, defaults)
+    _wire_dataset(runner, ui)
+    _wire_config(manager, settings, ui)
+    _wire_run(runner, ui)
+    _wire_api(runner, defaults)
 
+
+# ---- layout ---------------------------------------------------------------------------------------
+
+def _layout(manager, defaults: RunConfig) -> SimpleNamespace:
+    """The tab's components, by name; ``ui.form`` lists the run settings in ``FORM_FIELDS`` order."""
+    ui = SimpleNamespace()
     gr.Markdown("Train a LoRA adapter on a 4-bit base model (QLoRA). Training runs in its own process; "
                 "the chat and VQA models are unloaded first. Saved adapters appear in the VQA and chat tabs.")
     with gr.Row():
         with gr.Column(scale=1):
-            dataset = gr.File(label="Dataset (.jsonl, or .zip with the JSONL and its images)",
-                              file_types=[".jsonl", ".zip"], elem_id="ft-dataset")
-            validate_btn = gr.Button("Validate dataset", elem_id="ft-validate")
-            report = gr.JSON(label="Validation report", elem_id="ft-report")
-            preview_gallery = gr.Gallery(label="Preview images", height=160, columns=5, visible=False)
-            preview_table = gr.Dataframe(headers=["line", "prompt", "answer"], label="First rows", interactive=False,
-                                         wrap=True)
+            _dataset_column(ui)
         with gr.Column(scale=1):
+            model_choices = [(spec.label, spec.id) for spec in manager.catalog if spec.task in TRAINABLE_TASKS]
             with gr.Row():
-                base_model = gr.Dropdown(model_choices, value=defaults.base_model, label="Base model")
-                adapter_name = gr.Textbox(defaults.adapter_name, label="Adapter name")
+                ui.base_model = gr.Dropdown(model_choices, value=defaults.base_model, label="Base model")
+                ui.adapter_name = gr.Textbox(defaults.adapter_name, label="Adapter name")
             with gr.Row():
-                preset = gr.Dropdown(list(PRESETS), value=None, label="Preset", scale=3)
-                apply_preset = gr.Button("Apply preset", scale=1)
-            with gr.Accordion("LoRA and quantization", open=False):
-                quantization = gr.Radio(list(QUANTIZATIONS), value=defaults.quantization,
-                                        label="Base quantization (nf4 = QLoRA, double quantization)")
-                with gr.Row():
-                    lora_r = gr.Number(defaults.lora_r, label="LoRA r", precision=0, minimum=1)
-                    lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0, minimum=1)
-                    lora_dropout = gr.Number(defaults.lora_dropout, label="LoRA dropout", minimum=0, maximum=0.9)
-                target_modules = gr.Textbox("all-linear", label="Target modules ('all-linear' = every linear layer "
-                                            "of the language model; or a comma list like q_proj, v_proj)")
-            with gr.Accordion("Optimisation", open=True):
-                with gr.Row():
-                    learning_rate = gr.Number(defaults.learning_rate, label="Learning rate")
-                    epochs = gr.Number(defaults.epochs, label="Epochs")
-                    max_steps = gr.Number(defaults.max_steps, label="Max steps (0 = use epochs)", precision=0)
-                with gr.Row():
-                    batch_size = gr.Number(defaults.batch_size, label="Batch size", precision=0, minimum=1)
-                    grad_accum = gr.Number(defaults.grad_accum, label="Gradient accumulation", precision=0)
-                    max_length = gr.Number(defaults.max_length, label="Max length (tokens)", precision=0)
-                with gr.Row():
-                    warmup_steps = gr.Number(defaults.warmup_steps, label="Warmup steps", precision=0)
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler")
-                    seed = gr.Number(defaults.seed, label="Seed", precision=0)
-                with gr.Row():
-                    gradient_checkpointing = gr.Checkbox(defaults.gradient_checkpointing,
-                                                         label="Gradient checkpointing")
-                    eval_steps = gr.Number(defaults.eval_steps, label="Evaluate every N steps (0 = at end)",
-                                           precision=0)
-                    save_steps = gr.Number(defaults.save_steps, label="Save every N steps (0 = at end)", precision=0)
-                    val_fraction = gr.Number(defaults.val_fraction, label="Validation fraction", minimum=0,
-                                             maximum=0.5)
-            with gr.Accordion("Config as YAML", open=False):
-                config_text = gr.Code(config_yaml(defaults), language="yaml", label="Run config (editable)",
-                                      interactive=True, elem_id="ft-config")
-                with gr.Row():
-                    config_file = gr.File(label="Load YAML", file_types=[".yaml", ".yml"], height=80)
-                    with gr.Column():
-                        save_btn = gr.Button("Save YAML")
-                        show_command = gr.Button("Show command")
-                    saved_file = gr.File(label="Saved config", interactive=False, height=80, visible=False)
-                command = gr.Code(label="Equivalent command line", language="shell", visible=False)
+                ui.preset = gr.Dropdown(list(PRESETS), value=None, label="Preset", scale=3)
+                ui.apply_preset = gr.Button("Apply preset", scale=1)
+            _lora_accordion(ui, defaults)
+            _optimisation_accordion(ui, defaults)
+            _yaml_accordion(ui, defaults)
+    _run_section(ui)
+    ui.form = [getattr(ui, name) for name in FORM_FIELDS]
+    return ui
+
+
+def _dataset_column(ui: SimpleNamespace) -> None:
+    ui.dataset = gr.File(label="Dataset (.jsonl, or .zip with the JSONL and its images)",
+                         file_types=[".jsonl", ".json", ".zip"], elem_id="ft-dataset")
+    ui.validate = gr.Button("Validate dataset", elem_id="ft-validate")
+    ui.report = gr.JSON(label="Validation report", elem_id="ft-report")
+    ui.preview_gallery = gr.Gallery(label="Preview images", height=160, columns=5, visible=False)
+    ui.preview_table = gr.Dataframe(headers=["line", "prompt", "answer"], label="First rows", interactive=False,
+                                    wrap=True)
+
+
+def _lora_accordion(ui: SimpleNamespace, defaults: RunConfig) -> None:
+    with gr.Accordion("LoRA and quantization", open=False):
+        ui.quantization = gr.Radio(list(QUANTIZATIONS), value=defaults.quantization,
+                                   label="Base quantization (nf4 = QLoRA, double quantization)")
+        with gr.Row():
+            ui.lora_r = gr.Number(defaults.lora_r, label="LoRA r", precision=0, minimum=1)
+            ui.lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0, minimum=1)
+            ui.lora_dropout = gr.Number(defaults.lora_dropout, label="LoRA dropout", minimum=0, maximum=0.9)
+        ui.target_modules = gr.Textbox("all-linear", label="Target modules ('all-linear' = every linear layer "
+                                       "of the language model; or a comma list like q_proj, v_proj)")
+
+
+def _optimisation_accordion(ui: SimpleNamespace, defaults: RunConfig) -> None:
+    with gr.Accordion("Optimisation", open=True):
+        with gr.Row():
+            ui.learning_rate = gr.Number(defaults.learning_rate, label="Learning rate")
+            ui.epochs = gr.Number(defaults.epochs, label="Epochs")
+            ui.max_steps = gr.Number(defaults.max_steps, label="Max steps (0 = use epochs)", precision=0)
+        with gr.Row():
+            ui.batch_size = gr.Number(defaults.batch_size, label="Batch size", precision=0, minimum=1)
+            ui.grad_accum = gr.Number(defaults.grad_accum, label="Gradient accumulation", precision=0)
+            ui.max_length = gr.Number(defaults.max_length, label="Max length (tokens)", precision=0)
+        with gr.Row():
+            ui.warmup_steps = gr.Number(defaults.warmup_steps, label="Warmup steps", precision=0)
+            ui.scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler")
+            ui.seed = gr.Number(defaults.seed, label="Seed", precision=0)
+        with gr.Row():
+            ui.gradient_checkpointing = gr.Checkbox(defaults.gradient_checkpointing, label="Gradient checkpointing")
+            ui.eval_steps = gr.Number(defaults.eval_steps, label="Evaluate every N steps (0 = at end)", precision=0)
+            ui.save_steps = gr.Number(defaults.save_steps, label="Save every N steps (0 = at end)", precision=0)
+            ui.val_fraction = gr.Number(defaults.val_fraction, label="Validation fraction", minimum=0, maximum=0.5)
+
+
+def _yaml_accordion(ui: SimpleNamespace, defaults: RunConfig) -> None:
+    with gr.Accordion("Config as YAML", open=False):
+        ui.config_text = gr.Code(config_yaml(defaults), language="yaml", label="Run config (editable)",
+                                 interactive=True, elem_id="ft-config")
+        with gr.Row():
+            ui.config_file = gr.File(label="Load YAML", file_types=[".yaml", ".yml"], height=80)
+            with gr.Column():
+                ui.save = gr.Button("Save YAML")
+                ui.show_command = gr.Button("Show command")
+            ui.saved_file = gr.File(label="Saved config", interactive=False, height=80, visible=False)
+        ui.command = gr.Code(label="Equivalent command line", language="shell", visible=False)
+
+
+def _run_section(ui: SimpleNamespace) -> None:
     with gr.Row():
-        start_btn = gr.Button("Start training", variant="primary", elem_id="ft-start")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="ft-stop")
-        resume_btn = gr.Button("Resume from checkpoint", elem_id="ft-resume")
-        run_id = gr.Textbox(label="Run id", interactive=False, elem_id="ft-run-id")
-    progress = gr.HTML(elem_id="ft-progress")
-    message = gr.Markdown(elem_id="ft-message")
+        ui.start = gr.Button("Start training", variant="primary", elem_id="ft-start")
+        ui.stop = gr.Button("Stop", variant="stop", elem_id="ft-stop")
+        ui.resume = gr.Button("Resume from checkpoint", elem_id="ft-resume")
+        ui.run_id = gr.Textbox(label="Run id", interactive=False, elem_id="ft-run-id")
+    ui.progress = gr.HTML(elem_id="ft-progress")
+    ui.message = gr.Markdown(elem_id="ft-message")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=LOSS_COLORS, label="Loss", height=300,
-                                elem_id="ft-loss")
-        log_lines = gr.Textbox(label="Last log lines", lines=10, max_lines=12, interactive=False)
-    timer = gr.Timer(POLL_SECONDS, active=False)
+        ui.loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=LOSS_COLORS, label="Loss",
+                                   height=300, elem_id="ft-loss")
+        ui.log_lines = gr.Textbox(label="Last log lines", lines=10, max_lines=12, interactive=False)
+    ui.timer = gr.Timer(POLL_SECONDS, active=False)
 
-    form = [base_model, adapter_name, quantization, lora_r, lora_alpha, lora_dropout, target_modules, learning_rate,
-            epochs, max_steps, batch_size, grad_accum, max_length, warmup_steps, scheduler, seed,
-            gradient_checkpointing, eval_steps, save_steps, val_fraction]
 
-    # ---- handlers: thin wrappers over runner/config functions ---------------------------------
+# ---- events: thin wrappers over runner/config functions -------------------------------------------
 
+def _wire_dataset(runner: TrainingRunner, ui: SimpleNamespace) -> None:
     def validate_ui(upload, model_id, length, fraction, seed_value):
-        result = runner.validate(upload_path(upload), model_id, check_number("max length", length, 8, 131072, True),
-                                 check_number("validation fraction", fraction, 0, 0.5),
-                                 check_number("seed", seed_value, 0, 2**32 - 1, True))
-        images = [(preview_image(row["image"]), f"line {row['line']}") for row in result["preview"] if row["image"]]
-        table = [[row["line"], row["prompt"], row["answer"]] for row in result["preview"]]
-        return result, gr.update(value=images, visible=bool(images)), table
+        validation = runner.validate(upload_path(upload), model_id,
+                                     check_number("max length", length, 8, 131072, True),
+                                     check_number("validation fraction", fraction, 0, 0.5),
+                                     check_number("seed", seed_value, 0, 2**32 - 1, True))
+        table = [[row["line"], row["prompt"], row["answer"]] for row in validation.report["preview"]]
+        images = validation.thumbnails
+        return validation.report, gr.update(value=images, visible=bool(images)), table
 
+    ui.validate.click(user_errors(validate_ui), inputs=[ui.dataset, ui.base_model, ui.max_length, ui.val_fraction,
+                                                        ui.seed],
+                      outputs=[ui.report, ui.preview_gallery, ui.preview_table], api_visibility="private")
+
+
+def _wire_config(manager, settings, ui: SimpleNamespace) -> None:
     def form_changed(*values):
         try:
             return config_yaml(form_to_config(*values))
         except (TypeError, ValueError):
-            return gr.skip()
+            return gr.skip()  # a half-typed value: the YAML catches up with the next change
 
     def preset_applied(name, *values):
         return config_to_form(with_preset(form_to_config(*values), name))
 
     def yaml_loaded(file):
         if file is None:
-            return [gr.skip()] * (len(form) + 1)
-        config = RunConfig.load(upload_path(file))
-        config = dataclasses.replace(config, resume_from="")
+            return [gr.skip()] * (len(ui.form) + 1)
+        config = dataclasses.replace(RunConfig.load(upload_path(file), settings.limits), resume_from="")
         return [*config_to_form(config), config_yaml(config)]
 
     def yaml_saved(text):
-        config = parse_config(text).validate(manager.catalog)
+        config = parse_config(text, settings.limits).validate(manager.catalog)
         path = settings.runs_dir / "saved-configs" / f"{config.adapter_name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(config_yaml(config), encoding="utf-8")
         return gr.update(value=str(path), visible=True)
 
     def command_shown(text):
-        config = parse_config(text).validate(manager.catalog)
-        shell = cli_command(f"{config.adapter_name}.yaml")
-        accelerate = cli_command(f"{config.adapter_name}.yaml", accelerate=True)
-        return gr.update(value=f"# save the YAML above as {config.adapter_name}.yaml (add dataset: path/to/data.jsonl)"
-                               f"\n{shell}\n# or, on several GPUs\n{accelerate}", visible=True)
+        return gr.update(value=command_help(parse_config(text, settings.limits).validate(manager.catalog)),
+                         visible=True)
 
+    gr.on([c.change for c in ui.form], form_changed, inputs=ui.form, outputs=ui.config_text, api_visibility="private",
+          show_progress="hidden", queue=False)
+    ui.apply_preset.click(user_errors(preset_applied), inputs=[ui.preset, *ui.form], outputs=ui.form,
+                          api_visibility="private")
+    ui.config_file.upload(user_errors(yaml_loaded), inputs=ui.config_file, outputs=[*ui.form, ui.config_text],
+                          api_visibility="private")
+    ui.save.click(user_errors(yaml_saved), inputs=ui.config_text, outputs=ui.saved_file, api_visibility="private")
+    ui.show_command.click(user_errors(command_shown), inputs=ui.config_text, outputs=ui.command,
+                          api_visibility="private")
+
+
+def _wire_run(runner: TrainingRunner, ui: SimpleNamespace) -> None:
     def show(status: dict):
         active = status["state"] in ACTIVE_STATES
         return (progress_html(status), status_message(status), loss_frame(status),
@@ -268,30 +312,23 @@ def build(manager, settings) -> None:
             raise InvalidRequest("No run to stop.")
         return show(runner.stop(current))
 
-    run_outputs = [progress, message, loss_plot, log_lines, timer]
-    validate_btn.click(user_errors(validate_ui), inputs=[dataset, base_model, max_length, val_fraction, seed],
-                       outputs=[report, preview_gallery, preview_table], api_visibility="private")
-    gr.on([c.change for c in form], form_changed, inputs=form, outputs=config_text, api_visibility="private",
-          show_progress="hidden", queue=False)
-    apply_preset.click(user_errors(preset_applied), inputs=[preset, *form], outputs=form, api_visibility="private")
-    config_file.upload(user_errors(yaml_loaded), inputs=config_file, outputs=[*form, config_text],
-                       api_visibility="private")
-    save_btn.click(user_errors(yaml_saved), inputs=config_text, outputs=saved_file, api_visibility="private")
-    show_command.click(user_errors(command_shown), inputs=config_text, outputs=command, api_visibility="private")
-    start_btn.click(user_errors(start_ui), inputs=[dataset, config_text], outputs=[run_id, *run_outputs],
-                    api_visibility="private")
-    resume_btn.click(user_errors(resume_ui), inputs=run_id, outputs=[run_id, *run_outputs], api_visibility="private")
-    stop_btn.click(user_errors(stop_ui), inputs=run_id, outputs=run_outputs, api_visibility="private", queue=False)
-    timer.tick(user_errors(poll), inputs=run_id, outputs=run_outputs, api_visibility="private", queue=False,
-               show_progress="hidden")
+    outputs = [ui.progress, ui.message, ui.loss_plot, ui.log_lines, ui.timer]
+    ui.start.click(user_errors(start_ui), inputs=[ui.dataset, ui.config_text], outputs=[ui.run_id, *outputs],
+                   api_visibility="private")
+    ui.resume.click(user_errors(resume_ui), inputs=ui.run_id, outputs=[ui.run_id, *outputs], api_visibility="private")
+    ui.stop.click(user_errors(stop_ui), inputs=ui.run_id, outputs=outputs, api_visibility="private", queue=False)
+    ui.timer.tick(user_errors(poll), inputs=ui.run_id, outputs=outputs, api_visibility="private", queue=False,
+                  show_progress="hidden")
 
-    # ---- named API endpoints ----------------------------------------------------------------
+
+def _wire_api(runner: TrainingRunner, defaults: RunConfig) -> None:
+    """The named endpoints: the same runner calls as the buttons."""
 
     @user_errors
     def finetune_validate(dataset: gr.FileData, base_model: str = defaults.base_model, max_length: int = 512) -> dict:
         """Validate a .jsonl/.zip dataset: line-numbered problems, counts, token stats for base_model, preview."""
         length = check_number("max_length", max_length, 8, 131072, integer=True)
-        return runner.validate(upload_path(dataset), base_model, length)
+        return runner.validate(upload_path(dataset), base_model, length).report
 
     @user_errors
     def finetune_start(dataset: gr.FileData, config: dict | str = "") -> str:

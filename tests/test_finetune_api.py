@@ -7,6 +7,7 @@ import time
 
 import pytest
 from gradio_client import handle_file
+from gradio_client.exceptions import AppError
 
 ROWS = [{"prompt": "What is the capital of France?", "response": "Paris."},
         {"prompt": "Say hello.", "response": "Hello!"},
@@ -25,7 +26,8 @@ def test_validate_reports_broken_lines(client, tmp_path):
     assert report["ok"] is False and report["valid_rows"] == 1
     assert [(p["line"], p["message"].split(" (")[0]) for p in report["problems"]] == [
         (2, "invalid JSON"), (3, "field 'response' must be a string, got int"), (4, "duplicate of line 1"),
-        (5, "chat row in an instruction dataset")]
+        (5, "a chat row starts here, but line 1 made this an instruction dataset; formats cannot be mixed in one "
+            "file: keep one format per file")]
 
 
 def test_validate_good_dataset_has_token_stats_and_preview(client, tmp_path):
@@ -37,6 +39,17 @@ def test_validate_good_dataset_has_token_stats_and_preview(client, tmp_path):
     assert report["split"] == {"train": 2, "validation": 1, "seed": 42, "val_fraction": 0.1}
 
 
+def test_validate_reads_utf16_and_refuses_json_arrays(client, tmp_path):
+    utf16 = tmp_path / "excel.jsonl"
+    utf16.write_bytes("\r\n".join(json.dumps(row) for row in ROWS).encode("utf-16"))  # with a byte-order mark
+    report = client.predict(handle_file(str(utf16)), "tiny-chat", 256, api_name="/finetune_validate")
+    assert report["ok"] and report["valid_rows"] == 3 and report["problems"] == []
+    array = tmp_path / "export.json"
+    array.write_text(json.dumps(ROWS, indent=2))
+    with pytest.raises(AppError, match="JSON array of rows"):
+        client.predict(handle_file(str(array)), "tiny-chat", 256, api_name="/finetune_validate")
+
+
 @pytest.mark.parametrize("config, words", [
     ({"lora_r": 0}, "lora_r"),
     ("learning_rate: .nan", "NaN"),
@@ -46,7 +59,7 @@ def test_validate_good_dataset_has_token_stats_and_preview(client, tmp_path):
 ])
 def test_start_refuses_bad_configs(client, tmp_path, config, words):
     good = write_jsonl(tmp_path / "good.jsonl", ROWS)
-    with pytest.raises(Exception, match=words):
+    with pytest.raises(AppError, match=words):
         client.predict(handle_file(str(good)), config, api_name="/finetune_start")
 
 
@@ -68,8 +81,11 @@ def test_start_follow_and_adapter_listed(client, app_server, tmp_path):
     assert status["step"] == status["total"] == 3 and len(status["loss_history"]) == 3
     assert status["adapter"].endswith("api-run") and "api-run" in adapter_choices(settings)
     assert client.predict(run_id, api_name="/finetune_stop")["state"] == "completed"  # nothing left to stop
-    with pytest.raises(Exception, match="Unknown run"):
-        client.predict("../../etc", api_name="/finetune_status")
+    for wrong in ("../../etc", f"../runs/{run_id}", f"./{run_id}"):
+        with pytest.raises(AppError, match="run_id must be a run id"):
+            client.predict(wrong, api_name="/finetune_status")
+        with pytest.raises(AppError, match="run_id must be a run id"):
+            client.predict(wrong, api_name="/finetune_stop")
 
 
 def test_tab_helpers_round_trip_the_form_and_draw_progress(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 from finetune import data
 from finetune.config import PRESETS, RunConfig, cli_command, parse_config, with_preset
+from models.errors import TooLarge
 
 
 def write_jsonl(path, lines):
@@ -41,9 +42,12 @@ BROKEN_CORPUS = {
                                                       {"role": "assistant", "content": "b"}]}],
                       [(2, "formats cannot be mixed")]),
     "bad_role": ([{"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]}],
-                 [(1, "role must be one of")]),
+                 [(1, "message 0 must be {'role': system | user | assistant")]),
     "no_assistant": ([{"messages": [{"role": "user", "content": "a"}]}], [(1, "no assistant turn")]),
-    "messages_not_list": ([{"messages": "hello"}], [(1, "non-empty list")]),
+    "empty_content": ([{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "b"}]}],
+                      [(1, "messages[0].content is empty")]),
+    "messages_not_list": ([{"messages": "hello"}], [(1, "messages must be a list")]),
+    "messages_empty": ([{"messages": []}], [(1, "messages must not be empty")]),
     "vqa_missing_image": ([{"image": "nowhere.png", "question": "q", "answer": "a"}], [(1, "is missing")]),
     "vqa_escaping_path": ([{"image": "../outside.png", "question": "q", "answer": "a"}],
                           [(1, "escapes the dataset folder")]),
@@ -76,6 +80,7 @@ def test_invalid_utf8_and_several_problems_in_one_file(tmp_path):
     path.write_bytes(b'{"prompt": "a", "response": "b"}\n\xff\xfe\n{"prompt": "", "response": "b"}\n')
     report = data.validate(path)
     assert [p["line"] for p in report["problems"]] == [2, 3]
+    assert "not UTF-8 text (byte 0xFF at character 1)" in report["problems"][0]["message"]
     assert report["valid_rows"] == 1 and report["problem_count"] == 2
 
 
@@ -121,7 +126,8 @@ def test_zip_with_images_extracts_and_validates(tmp_path):
                                               "__MACOSX/set/._data.jsonl": b"junk"})
     jsonl = data.prepare_dataset(archive, tmp_path / "out")
     assert jsonl == (tmp_path / "out" / "set" / "data.jsonl").resolve()
-    assert data.validate(jsonl)["ok"]
+    report = data.validate(jsonl)
+    assert report["ok"] and report["preview"][0]["image"] == "images/a.png"  # as written, not a server path
 
 
 @pytest.mark.parametrize("members, words", [
@@ -138,12 +144,15 @@ def test_unsafe_or_unusable_zips_are_refused(tmp_path, members, words):
 
 
 def test_zip_limits_and_symlinks(tmp_path):
+    from models.limits import Limits
+
     many = make_zip(tmp_path / "many.zip", {f"f{i}.txt": b"x" for i in range(5)})
-    with pytest.raises(ValueError, match="at most 3"):
-        data.prepare_dataset(many, tmp_path / "o1", max_files=3)
+    with pytest.raises(TooLarge, match="5 entries; the limit is 3 files"):
+        data.prepare_dataset(many, tmp_path / "o1", Limits(extracted_files=3))
     big = make_zip(tmp_path / "big.zip", {"d.jsonl": b"x" * 5000})
-    with pytest.raises(ValueError, match="unpacks to"):
-        data.prepare_dataset(big, tmp_path / "o2", max_bytes=1000)
+    with pytest.raises(TooLarge, match="unpacks to"):
+        data.prepare_dataset(big, tmp_path / "o2", Limits(extracted_bytes=1000))
+    assert list((tmp_path / "o1").iterdir()) == list((tmp_path / "o2").iterdir()) == []  # refused before writing
     link = zipfile.ZipInfo("d.jsonl")
     link.external_attr = (0o120777 << 16)
     with zipfile.ZipFile(tmp_path / "link.zip", "w") as bundle:
@@ -191,7 +200,7 @@ def test_token_stats_and_max_length_below_prompt(tmp_path, chat_tokenizer):
     assert report["ok"] and report["tokens"]["truncated_rows"] == 1
     assert report["tokens"]["min"] < report["tokens"]["max"]
     report = data.validate(path, processor=chat_tokenizer, max_length=8)
-    assert not report["ok"] and "max_length 8" in report["problems"][-1]["message"]
+    assert not report["ok"] and "max_length 8 is below the prompt length" in report["problems"][-1]["message"]
     with pytest.raises(ValueError, match="below the prompt length"):
         data.encode_all(data.parse_dataset(path).examples, chat_tokenizer, 8, is_vlm=False)
 
@@ -207,6 +216,7 @@ def test_token_stats_and_max_length_below_prompt(tmp_path, chat_tokenizer):
     ({"base_model": "tiny-sd"}, "supports chat and VQA"),
     ({"scheduler": "sawtooth"}, "scheduler"),
     ({"adapter_name": "../escape"}, "adapter_name"),
+    ({"adapter_name": "name\n"}, "adapter_name"),  # a trailing newline slipped past the old regex's "$"
     ({"max_length": 2}, "max_length"),
     ({"target_modules": []}, "target_modules"),
 ])

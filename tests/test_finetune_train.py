@@ -134,7 +134,7 @@ def test_sigkill_is_reported_and_the_next_run_stops_gracefully_then_resumes(tmp_
     assert [r["step"] for r in records if r["event"] == "start"] == [0, stopped_at]
 
 
-def test_bad_dataset_and_bad_config_start_nothing(tmp_path, runner, settings, manager):
+def test_bad_dataset_and_bad_config_start_nothing(tmp_path, runner, settings):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
     with pytest.raises(ValueError, match="line 2: invalid JSON"):
@@ -147,7 +147,7 @@ def test_bad_dataset_and_bad_config_start_nothing(tmp_path, runner, settings, ma
     with pytest.raises(ValueError, match="Unknown model"):
         runner.start(str(good), {**FAST, "base_model": "gpt-17"})
     assert runner.active_run() is None
-    assert not settings.runs_dir.exists() or not list(settings.runs_dir.glob("*/log.jsonl"))
+    assert not settings.runs_dir.exists() or list(settings.runs_dir.iterdir()) == []  # refused runs leave nothing
 
 
 def test_tiny_vlm_trains_on_images_with_the_vision_tower_frozen(tmp_path, runner, settings, manager):
