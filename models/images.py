@@ -2,77 +2,124 @@
 
 ``load_image`` is shared by the VQA tab and the fine-tuning data validator. It either returns an
 RGB ``PIL.Image`` ready for a processor, plus the notices a user should see about what was done to
-it, or raises ``ValueError`` with a message that says what is wrong with the file.
+it, or raises ``InvalidRequest`` (``TooLarge`` for the limits) with a message that says what is
+wrong with the file.
+
+The size a file declares is checked before any pixel is decoded, against ``Limits``: decoded
+pixels, each side, and the aspect ratio. A tiny file can declare a huge canvas (a "decompression
+bomb"), and a thin strip is as dangerous: processors scale its short side up to their input size,
+so a 1 x 400,000 PNG of 1.6 KB grew to gigabytes inside a VLM processor.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 from pathlib import Path
 
-from models.errors import InvalidRequest
+from models.errors import InvalidRequest, TooLarge
+from models.limits import Limits
 
 # Larger images are downscaled (with a notice); the processors resize to a few hundred pixels anyway.
 DEFAULT_MAX_PIXELS = 4_000_000
-# Anything above this is refused before decoding: a tiny file can declare a huge canvas (a
-# "decompression bomb") and take gigabytes once decoded. 64 MP covers every camera photo.
-MAX_DECODE_PIXELS = 64_000_000
 SUPPORTED_HINT = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 EXIF_ORIENTATION = 0x0112
 
 
-def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[object, list[str]]:
+def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, limits: Limits | None = None) -> tuple[object, list[str]]:
     """Open ``source`` (a path or a PIL image) as an RGB image of at most ``max_pixels`` pixels.
 
     Args:
         source: a file path (str or Path) or an already opened ``PIL.Image.Image``.
         max_pixels: images with more pixels are downscaled, keeping their aspect ratio.
+        limits: what an uploaded image may declare (default ``Limits()``; the app passes
+            ``settings.limits``).
 
     Returns:
         ``(image, notices)``: the RGB image and short sentences about conversions that were made
         (first frame of an animation, transparency flattened, downscaled, rotated...).
 
     Raises:
-        ValueError: the file is missing, empty, not an image, corrupt or truncated, has a side of
-            0 pixels, or declares more than ``MAX_DECODE_PIXELS`` pixels.
+        InvalidRequest: the file is missing, empty, not an image, corrupt or truncated, or has a
+            side of 0 pixels.
+        TooLarge: it declares more pixels, a longer side or a larger aspect ratio than ``limits``
+            allow (checked from the header, before decoding).
     """
-    from PIL import Image
-
+    limits = limits or Limits()
+    Image = _pillow(limits)
     if not isinstance(max_pixels, int) or max_pixels < 1:
         raise InvalidRequest(f"max_pixels must be a positive whole number, got {max_pixels!r}")
     if isinstance(source, Image.Image):
-        return _prepare(source, max_pixels, name="the image")
+        return _prepare(source, max_pixels, "the image", limits)
     if source is None or (isinstance(source, str) and not source.strip()):
         raise InvalidRequest("No image given. Upload, paste or capture an image first.")
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidRequest(f"image must be a file path or a PIL image, got {type(source).__name__}")
     path = Path(source)
-    name = path.name
+    name = repr(path.name)
     if not path.is_file():
-        raise InvalidRequest(f"Image file {name!r} does not exist.")
+        raise InvalidRequest(f"Image file {name} does not exist.")
     if path.stat().st_size == 0:
-        raise InvalidRequest(f"{name!r} is an empty file (0 bytes), not an image.")
+        raise InvalidRequest(f"{name} is an empty file (0 bytes), not an image.")
     try:
-        image = Image.open(path)
+        image = Image.open(path)  # reads the header only
     except Image.DecompressionBombError as exc:
-        raise _bomb_error(name, None) from exc
+        raise _bomb_error(name, _declared_size(path), limits) from exc
     except Image.UnidentifiedImageError as exc:
         size = _declared_size(path)
         if size is not None and 0 in size:
-            raise InvalidRequest(f"{name!r} has a side of 0 pixels ({size[0]}x{size[1]}); it holds no picture."
+            raise InvalidRequest(f"{name} has a side of 0 pixels ({size[0]}x{size[1]}); it holds no picture."
                                  ) from exc
-        raise InvalidRequest(f"{name!r} is not an image file this app can read ({SUPPORTED_HINT}).") from exc
+        raise InvalidRequest(f"{name} is not an image file this app can read ({SUPPORTED_HINT}).") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidRequest(f"{name!r} could not be opened as an image: {exc}") from exc
+        detail = exc.strerror if isinstance(exc, OSError) and exc.filename else exc  # never the server's path
+        raise InvalidRequest(f"{name} could not be opened as an image: {detail}") from exc
     with image:
-        return _prepare(image, max_pixels, name=repr(name))
+        return _prepare(image, max_pixels, name, limits)
+
+
+def _pillow(limits: Limits):
+    """``PIL.Image`` with its decompression-bomb threshold set from ``limits.image_pixels``.
+
+    Pillow raises ``DecompressionBombError`` on open above twice ``MAX_IMAGE_PIXELS`` and only
+    warns below that; its default (89 MP) is unrelated to ours. Setting it to our limit makes
+    Pillow's hard stop 2x ours, and its warning fire only for files that ``check_size`` refuses
+    right after the open. The value is process-wide, so it is set on every call, to the same number.
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = limits.image_pixels
+    return Image
+
+
+def check_size(width: int, height: int, name: str, limits: Limits) -> None:
+    """Refuse a declared size over ``limits``, before anything is decoded.
+
+    Raises:
+        InvalidRequest: a side of 0 pixels.
+        TooLarge: a side over ``image_side``, more than ``image_pixels`` pixels, or a long side
+            more than ``image_aspect`` times the short one.
+    """
+    if width <= 0 or height <= 0:
+        raise InvalidRequest(f"{name} has a side of 0 pixels ({width}x{height}); it holds no picture.")
+    if max(width, height) > limits.image_side:
+        raise TooLarge(f"{name} is {width}x{height} pixels; each side may be at most {limits.image_side} "
+                       "pixels. Resize it and try again.")
+    if width * height > limits.image_pixels:
+        raise TooLarge(f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); the limit "
+                       f"is {limits.image_pixels / 1e6:g} megapixels (a small file can declare a huge picture: a "
+                       "decompression bomb). Resize it and try again.")
+    aspect = max(width, height) / min(width, height)
+    if aspect > limits.image_aspect:
+        shape = "wider than it is tall" if width > height else "taller than it is wide"
+        raise TooLarge(f"{name} is {width}x{height} pixels, {aspect:,.0f} times {shape}; the limit is "
+                       f"{limits.image_aspect:g} to 1 (models scale the short side up, which takes gigabytes). "
+                       "Crop it closer to a square.")
 
 
 def _declared_size(path: Path) -> tuple[int, int] | None:
-    """Width and height from a PNG or GIF header, for files Pillow refuses to identify."""
-    import struct
-
+    """Width and height from a PNG or GIF header, for files Pillow refuses to open."""
     with open(path, "rb") as handle:
         head = handle.read(32)
     if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
@@ -82,23 +129,25 @@ def _declared_size(path: Path) -> tuple[int, int] | None:
     return None
 
 
-def _bomb_error(name: str, size: tuple[int, int] | None) -> ValueError:
-    declared = f" declares {size[0]}x{size[1]} pixels and" if size else ""
-    return ValueError(f"{name}{declared} is larger than the {MAX_DECODE_PIXELS // 1_000_000} megapixel limit "
-                      "(possibly a decompression bomb). Resize it before uploading.")
+def _bomb_error(name: str, size: tuple[int, int] | None, limits: Limits) -> TooLarge:
+    """The message for Pillow's ``DecompressionBombError``: ours when the size is known."""
+    if size is not None:
+        try:
+            check_size(*size, name, limits)
+        except TooLarge as exc:
+            return exc
+    return TooLarge(f"{name} declares more than {limits.image_pixels / 1e6:g} megapixels (possibly a "
+                    "decompression bomb). Resize it and try again.")
 
 
-def _prepare(image, max_pixels: int, name: str) -> tuple[object, list[str]]:
+def _prepare(image, max_pixels: int, name: str, limits: Limits) -> tuple[object, list[str]]:
     """Validate, decode, orient, convert to RGB and downscale an opened image."""
     from PIL import Image
 
     notices: list[str] = []
     # 1. Check the declared size before decoding anything.
     width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InvalidRequest(f"{name} has a side of 0 pixels ({width}x{height}); it holds no picture.")
-    if width * height > MAX_DECODE_PIXELS:
-        raise _bomb_error(name, (width, height))
+    check_size(width, height, name, limits)
     # 2. Animated images: answer about the first frame.
     frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
     if frames > 1:
@@ -110,10 +159,10 @@ def _prepare(image, max_pixels: int, name: str) -> tuple[object, list[str]]:
     try:
         image.load()
     except Image.DecompressionBombError as exc:
-        raise _bomb_error(name, (width, height)) from exc
+        raise _bomb_error(name, (width, height), limits) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidRequest(f"{name} is corrupt or truncated and cannot be decoded ({exc}). "
-                         "Re-save or re-export it and try again.") from exc
+                             "Re-save or re-export it and try again.") from exc
     # 4. Orientation, then colour mode, then size.
     image = _apply_exif_orientation(image, notices)
     image = _to_rgb(image, notices)

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from models import images
+from models.errors import TooLarge
 from models.images import load_image
+from models.limits import Limits
 
 
 def png_bytes(width: int, height: int, idat: bytes = b"") -> bytes:
@@ -98,13 +100,68 @@ def test_zero_side_pil_image():
         load_image(Image.new("RGB", (0, 5)))
 
 
-@pytest.mark.parametrize("size", [(100_000, 100_000), (9_000, 8_000)])
-def test_decompression_bomb_is_refused_before_decoding(tmp_path, size):
-    # the first is above Pillow's own bomb limit, the second only above ours
-    path = tmp_path / "bomb.png"
-    path.write_bytes(png_bytes(*size, idat=zlib.compress(b"\0" * 64)))
-    with pytest.raises(ValueError, match="megapixel limit"):
+def bmp_header(width: int, height: int) -> bytes:
+    """A BMP that declares any size (no pixel data): a format whose size load_image does not parse itself."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fail the test if any pixel data is decoded (the limits must refuse from the header)."""
+    from PIL import ImageFile
+
+    def refuse(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+@pytest.mark.usefixtures("no_decoding")
+def test_thin_strip_is_refused_before_decoding(tmp_path):
+    # the /vqa report: a 1.6 KB PNG of 1 x 400,000 pixels took 4.5 GB once a processor scaled its short side up
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (400_000, 1), (200, 30, 30)).save(path)
+    assert path.stat().st_size < 4_000
+    with pytest.raises(TooLarge, match=r"'strip.png' is 400000x1 pixels; each side may be at most 12000 pixels"):
         load_image(path)
+    with pytest.raises(TooLarge, match="each side may be at most 100 pixels"):
+        load_image(Image.new("L", (101, 100)), limits=Limits(image_side=100))
+
+
+def test_aspect_ratio_is_limited(tmp_path):
+    path = tmp_path / "banner.png"
+    Image.new("RGB", (2_000, 50), (0, 90, 0)).save(path)
+    with pytest.raises(TooLarge, match=r"2000x50 pixels, 40 times wider than it is tall; the limit is 20 to 1"):
+        load_image(path)
+    with pytest.raises(TooLarge, match="40 times taller than it is wide"):
+        load_image(Image.new("RGB", (50, 2_000)))
+    image, _ = load_image(path, limits=Limits(image_aspect=50))
+    assert image.size == (2_000, 50)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns above the limit too
+@pytest.mark.usefixtures("no_decoding")
+def test_pixel_limit_is_checked_from_the_header(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(png_bytes(7_000, 7_000, idat=zlib.compress(b"\0" * 64)))
+    with pytest.raises(TooLarge, match=r"'big.png' is 7000x7000 pixels \(49.0 megapixels\); the limit is 40 mega"):
+        load_image(path)
+    with pytest.raises(TooLarge, match="the limit is 0.01 megapixels"):
+        load_image(Image.new("RGB", (101, 100)), limits=Limits(image_pixels=10_000))
+
+
+@pytest.mark.parametrize("content, message", [
+    (png_bytes(30_000, 30_000, idat=zlib.compress(b"\0" * 64)), r"'bomb.img' is 30000x30000 pixels; each side"),
+    (bmp_header(11_000, 11_000), r"'bomb.img' declares more than 40 megapixels \(possibly a decompression bomb\)"),
+], ids=["png-30000x30000", "bmp-11000x11000"])
+def test_pillow_decompression_bomb_gets_a_clear_message(tmp_path, content, message):
+    # both are over twice Pillow's MAX_IMAGE_PIXELS, so Pillow itself refuses them in Image.open
+    path = tmp_path / "bomb.img"
+    path.write_bytes(content)
+    with pytest.raises(TooLarge, match=message):
+        load_image(path)
+    assert Image.MAX_IMAGE_PIXELS == Limits().image_pixels, "Pillow's threshold follows the limit, not its default"
 
 
 def test_large_image_is_downscaled_with_notice(tmp_path):
@@ -202,6 +259,17 @@ def test_examples_are_drawn_deterministically(tmp_path):
         images.draw_example("nope.png")
 
 
-def test_max_pixels_must_be_positive(tmp_path):
+def test_max_pixels_must_be_positive():
     with pytest.raises(ValueError, match="max_pixels"):
         load_image(Image.new("RGB", (2, 2)), max_pixels=0)
+
+
+def test_open_errors_never_show_the_server_path(tmp_path, monkeypatch):
+    path = save(Image.new("RGB", (4, 4)), tmp_path / "locked.png")
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", denied)
+    with pytest.raises(ValueError, match="^'locked.png' could not be opened as an image: Permission denied$"):
+        load_image(path)
