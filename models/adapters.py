@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models.checks import check_name
 from models.errors import InvalidRequest
 
 NONE = "none"
@@ -39,8 +40,8 @@ def resolve(adapters_dir: Path, name: str | None, base_model: str) -> Path | Non
     """The folder of adapter ``name`` (None for 'none'); refuses names that leave the folder."""
     if name is None or name == "" or name == NONE:
         return None
-    if not isinstance(name, str):
-        raise InvalidRequest(f"adapter must be a name, got {type(name).__name__}")
+    # A name as the fine-tune tab saves them: no path, no alias, no name the file system refuses
+    check_name("adapter", name, "adapter names")
     root = adapters_dir.resolve()
     folder = (root / name).resolve()
     if folder.parent != root:
@@ -54,13 +55,20 @@ def resolve(adapters_dir: Path, name: str | None, base_model: str) -> Path | Non
     return folder
 
 
+def loaded_adapters(model) -> list[str]:
+    """Names of the adapters loaded on ``model``; none before the first ``activate`` with a folder."""
+    # transformers sets ``peft_config`` at the first load_adapter and deletes it with the last adapter.
+    return list(getattr(model, "peft_config", None) or {})
+
+
 def activate(model, folder: Path | None) -> None:
     """Make ``folder``'s adapter the active one on ``model``, or run the bare base model (None).
 
     Uses the transformers PEFT integration, so it works on 4-bit bitsandbytes models too. An
     adapter is loaded once per model and kept next to the base weights for later switches.
+    ``activate(model, None)`` on a model that never had an adapter does nothing.
     """
-    loaded = getattr(model, "peft_config", {}) if getattr(model, "_hf_peft_config_loaded", False) else {}
+    loaded = loaded_adapters(model)
     if folder is None:
         if loaded:
             model.disable_adapters()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from models import memory, sources
 from models.catalog import Catalog, ModelSpec
 from models.errors import Busy, Unavailable
+from models.limits import format_bytes
 from models.prepare import Preparation
 from models.quantization import Precision, choose
 from models.settings import Settings
@@ -51,7 +53,7 @@ class _Entry:
     nbytes: int
     load_seconds: float
     last_used: float
-    cuda_before: int
+    cuda_bytes: int  # this model's own CUDA memory, which its unload must give back
     refs: list[weakref.ref]
     pins: int = 0
 
@@ -100,6 +102,9 @@ class ModelManager:
         self.load_count: dict[str, int] = {}
         self.leaks: list[str] = []
         self.preparation = Preparation(catalog, settings)
+        # One model call at a time on the device, held by tabs.common.model_call until the work has ended
+        # (a plain Lock: a generator may resume in another thread than the one that took it).
+        self.call_lock = threading.Lock()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -250,6 +255,7 @@ class ModelManager:
         try:
             handle = self._loader(spec, precision, self.settings)
             nbytes = int(self._measure(handle))
+            cuda_bytes = _own_cuda_bytes(precision, cuda_before, nbytes)
         except BaseException as exc:
             handle = None
             with self._lock:
@@ -260,7 +266,7 @@ class ModelManager:
             raise ModelLoadError(f"Could not load {spec.id}: {exc}") from exc
         entry = _Entry(spec=spec, handle=handle, precision=precision, nbytes=nbytes,
                        load_seconds=time.perf_counter() - started, last_used=time.time(),
-                       cuda_before=cuda_before, refs=self._weakrefs(handle), pins=1)
+                       cuda_bytes=cuda_bytes, refs=self._weakrefs(handle), pins=1)
         with self._lock:
             self._reserved.pop(spec.id, None)
             self._entries[spec.id] = entry
@@ -274,19 +280,19 @@ class ModelManager:
         if evicted is None:
             self._release(entry)
             raise ModelTooLargeError(
-                f"{spec.id} takes {_gb(nbytes)} once loaded, more than the free part of the "
-                f"{_gb(self.budget)} budget. Raise --memory-budget or pick a smaller model or precision.")
+                f"{spec.id} takes {format_bytes(nbytes)} once loaded, more than the free part of the "
+                f"{format_bytes(self.budget)} budget. Raise --memory-budget or pick a smaller model or precision.")
         self._release_all(evicted)
         log.info("loaded %s (%s on %s, %s) in %.2fs", spec.id, precision.name, precision.device,
-                 _gb(nbytes), entry.load_seconds)
+                 format_bytes(nbytes), entry.load_seconds)
         return entry
 
     def _make_room(self, model_id: str, incoming: int) -> list[_Entry]:
         """Pop LRU unpinned entries until ``incoming`` more bytes fit. Caller holds the lock."""
         if incoming > self.budget:
             raise ModelTooLargeError(
-                f"{model_id} needs about {_gb(incoming)}, more than the whole memory budget of "
-                f"{_gb(self.budget)}. Raise --memory-budget or choose a smaller model or a 4-bit precision.")
+                f"{model_id} needs about {format_bytes(incoming)}, more than the whole memory budget of "
+                f"{format_bytes(self.budget)}. Raise --memory-budget or choose a smaller model or a 4-bit precision.")
         evicted: list[_Entry] = []
         candidates = sorted((e for mid, e in self._entries.items() if mid != model_id and not e.pins),
                             key=lambda e: e.last_used)
@@ -297,8 +303,8 @@ class ModelManager:
                 busy = [mid for mid, e in self._entries.items() if e.pins and mid != model_id]
                 holders = ", ".join(busy) or "loads in progress"
                 raise BudgetBusyError(
-                    f"{model_id} needs about {_gb(incoming)} but models in use ({holders}) "
-                    f"hold the {_gb(self.budget)} budget. Try again when they finish.")
+                    f"{model_id} needs about {format_bytes(incoming)} but models in use ({holders}) "
+                    f"hold the {format_bytes(self.budget)} budget. Try again when they finish.")
             victim = candidates.pop(0)
             del self._entries[victim.spec.id]
             evicted.append(victim)
@@ -322,6 +328,9 @@ class ModelManager:
 
     def _release(self, entry: _Entry) -> None:
         """Drop the workbench's references, free memory, and check that it really came back."""
+        if entry.cuda_bytes:
+            gc.collect()  # garbage left by earlier calls must not count as this model's freed memory
+        cuda_before = memory.cuda_allocated()
         handle, entry.handle = entry.handle, None
         try:
             self._releaser(entry.spec, handle)
@@ -330,9 +339,12 @@ class ModelManager:
         del handle
         memory.free_device_memory()
         alive = sum(1 for ref in entry.refs if ref() is not None)
-        leaked_cuda = memory.cuda_allocated() - entry.cuda_before if entry.precision.device == "cuda" else 0
-        if alive or leaked_cuda > CUDA_LEAK_TOLERANCE:
-            detail = f"{alive} object(s) still referenced" if alive else f"{_gb(leaked_cuda)} of CUDA memory not freed"
+        # Compare what this unload gave back with this model's own bytes: other models loaded or
+        # unloaded since its load change the process-wide total and must not hide or fake a leak.
+        not_freed = entry.cuda_bytes - (cuda_before - memory.cuda_allocated()) if entry.cuda_bytes else 0
+        if alive or not_freed > CUDA_LEAK_TOLERANCE:
+            detail = (f"{alive} object(s) still referenced" if alive else
+                      f"{format_bytes(not_freed)} of its {format_bytes(entry.cuda_bytes)} on CUDA not freed")
             log.warning("Potential memory leak detected: %s still holds memory after unload (%s)",
                         entry.spec.id, detail)
             self.leaks.append(entry.spec.id)
@@ -340,5 +352,11 @@ class ModelManager:
             log.info("unloaded %s", entry.spec.id)
 
 
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1024**3:.2f} GB" if nbytes >= 1024**3 / 10 else f"{nbytes / 1024**2:.1f} MB"
+def _own_cuda_bytes(precision: Precision, allocated_before: int, measured: int) -> int:
+    """The CUDA bytes a model's load added, capped at its measured tensors (0 off CUDA).
+
+    The cap matters when two models load at once: the allocator's growth then includes the other's.
+    """
+    if precision.device != "cuda":
+        return 0
+    return max(0, min(memory.cuda_allocated() - allocated_before, measured))
