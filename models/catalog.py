@@ -10,6 +10,8 @@ import yaml
 from models.errors import InvalidRequest
 
 TASKS = ("vqa", "text-to-image", "speech-to-text", "chat", "text-to-speech")
+TASK_LABELS = {"vqa": "Image VQA", "text-to-image": "Text-to-image", "speech-to-text": "Speech-to-text",
+               "chat": "Chat", "text-to-speech": "Text-to-speech"}
 FAMILIES = ("vlm", "diffusion", "asr", "chat", "tts", "piper")
 SOURCES = ("hub", "local", "offline", "package", "coqui")
 QUANTS = ("nf4", "int8", "fp16", "bf16", "fp32")

@@ -50,9 +50,20 @@ def check_choice(name: str, value, choices):
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    """A yes/no value: True, False (or 1, 0); never a string such as "false", which is truthy."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise InvalidRequest(f"{name} must be true or false, got {quote(value, 80)}")
+
+
 def check_text(name: str, value, max_chars: int, required: bool = True, empty_message: str = "") -> str:
     """Stripped text of at most ``max_chars`` that encodes as UTF-8 (no lone surrogates)."""
-    if value is None and not required:
+    if value is None:
+        if required:
+            raise InvalidRequest(empty_message or f"{name} is empty.")
         return ""
     if not isinstance(value, str):
         raise InvalidRequest(f"{name} must be text, got {type(value).__name__}")
@@ -66,6 +77,8 @@ def check_text(name: str, value, max_chars: int, required: bool = True, empty_me
     except UnicodeEncodeError as exc:
         raise InvalidRequest(f"{name} holds invalid Unicode (a lone surrogate at character {exc.start}); "
                              "send it as UTF-8 text.") from None
+    if "\x00" in text:
+        raise InvalidRequest(f"{name} contains a NUL character; remove it.")
     return text
 
 
@@ -79,8 +92,10 @@ def check_name(name: str, value, what: str = "names") -> str:
 
 def check_model(catalog, model_id, task: str):
     """The catalog entry of ``model_id``, which must exist and do ``task``; InvalidRequest otherwise."""
+    from models.catalog import TASK_LABELS
+
     if not isinstance(model_id, str) or model_id not in catalog:
-        raise InvalidRequest(f"Unknown model {quote(model_id, 100)}. Models for {task}: "
+        raise InvalidRequest(f"Unknown model {quote(model_id, 100)}. {TASK_LABELS.get(task, task)} models: "
                              f"{', '.join(catalog.ids(task))}")
     spec = catalog.get(model_id)
     if spec.task != task:

@@ -13,9 +13,12 @@ import threading
 import time
 from collections.abc import Iterator
 
+from models import limits
 from models.errors import InvalidRequest
 
 JOIN_TIMEOUT = 30.0
+# The one cap on new tokens for every chat and VQA request, in the tabs and the API alike.
+MAX_NEW_TOKENS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +29,7 @@ class GenerationParams:
     temperature: float = 0.7
     top_p: float = 0.95
 
-    MAX_NEW_TOKENS = 4096
+    MAX_NEW_TOKENS = MAX_NEW_TOKENS
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -60,7 +63,8 @@ class StreamStats:
 
 
 def stream_generate(model, tokenizer, inputs: dict, params: GenerationParams,
-                    stop: threading.Event | None = None, stats: StreamStats | None = None) -> Iterator[str]:
+                    stop: threading.Event | None = None, stats: StreamStats | None = None,
+                    notices: list[str] | None = None) -> Iterator[str]:
     """Yield the accumulated answer text as tokens arrive.
 
     Args:
@@ -70,11 +74,13 @@ def stream_generate(model, tokenizer, inputs: dict, params: GenerationParams,
         params: sampling settings.
         stop: set it from elsewhere to end generation after the current token.
         stats: optional holder for token count, seconds and whether generation was stopped.
+        notices: gets a line for the user when the call's time cap ended the generation.
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     stop = stop or threading.Event()
+    flag = limits.StopFlag(stop)  # this run's Stop, and the call's (closed connection, time cap)
     stats = stats if stats is not None else StreamStats()
     decoder = getattr(tokenizer, "tokenizer", tokenizer)
     streamer = TextIteratorStreamer(decoder, skip_prompt=True, skip_special_tokens=True, timeout=JOIN_TIMEOUT)
@@ -82,7 +88,7 @@ def stream_generate(model, tokenizer, inputs: dict, params: GenerationParams,
     class _StopFlag(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             stats.new_tokens += 1
-            return stop.is_set()
+            return flag.is_set()
 
     errors: list[BaseException] = []
 
@@ -115,7 +121,9 @@ def stream_generate(model, tokenizer, inputs: dict, params: GenerationParams,
             stats.stopped = True
             stop.set()
         worker.join(JOIN_TIMEOUT)
-        stats.stopped = stats.stopped or stop.is_set()
+        stats.stopped = stats.stopped or flag.is_set()
+        if notices is not None and stats.stopped and (notice := limits.timeout_notice()):
+            notices.append(notice)
         stats.seconds = time.perf_counter() - started
         del work, worker
     if errors:

@@ -5,9 +5,9 @@ dataset rows, extracted bytes, history turns, YAML nodes), never by its upload s
 has a default that keeps one request well under 1 GB on a 2-core, 24 GB machine, and can be set
 with an environment variable ``WORKBENCH_LIMIT_<NAME>`` (``WORKBENCH_LIMIT_AUDIO_SECONDS=1200``).
 
-The call deadline lives in a context variable set by the handler that runs a model call; the
-loops that can run long (token generation, denoising steps, audio chunks, sentences) check it
-and stop as if Stop had been pressed.
+A model call's stop flag (``Call``) lives in a context variable set by the handler that runs the
+call; a timer sets it at the wall-clock cap. The loops that can run long (token generation,
+denoising steps, audio chunks, sentences) check it and stop as if Stop had been pressed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -63,32 +64,74 @@ class Limits:
         return cls(**values)
 
 
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("workbench_call_deadline", default=None)
+class Call:
+    """One model call in progress: its stop flag, set by Stop, by a closed connection, or by the time cap.
+
+    The handler that runs the call creates it (``start``) and makes it current around every step of
+    its work (``active``); the loops that can run long read it with ``current()``.
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+        self._timer = threading.Timer(seconds, self.stop.set) if seconds else None
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+
+    @property
+    def timed_out(self) -> bool:
+        return bool(self.seconds) and time.monotonic() - self.started >= self.seconds
+
+    def notice(self) -> str:
+        """What to tell the user when the time cap stopped the call ("" when it did not)."""
+        if not self.timed_out:
+            return ""
+        return (f"Stopped after {format_seconds(time.monotonic() - self.started)}: one model call may run for at "
+                f"most {format_seconds(self.seconds)} (--max-call-seconds). What was made so far is kept.")
+
+    def end(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
-class CallTimedOut(Exception):
-    """Raised inside a loop when the call's wall-clock cap has passed (caught by the call's owner)."""
+_current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("workbench_call", default=None)
 
 
 @contextlib.contextmanager
-def call_deadline(seconds: float | None) -> Iterator[None]:
-    """Run the block under a wall-clock cap of ``seconds`` (None: no cap)."""
-    token = _deadline.set(time.monotonic() + seconds if seconds else None)
+def active(call: Call | None) -> Iterator[None]:
+    """Make ``call`` the current one for the block (set around each step of a generator's work)."""
+    token = _current.set(call)
     try:
         yield
     finally:
-        _deadline.reset(token)
+        _current.reset(token)
 
 
-def deadline() -> float | None:
-    """The monotonic time at which the current call must stop (None: no cap)."""
-    return _deadline.get()
+def current() -> Call | None:
+    return _current.get()
 
 
-def expired(at: float | None = None) -> bool:
-    """Whether the deadline ``at`` (default: the current call's) has passed."""
-    at = deadline() if at is None else at
-    return at is not None and time.monotonic() > at
+class StopFlag:
+    """Set when any of its events is set: a run's own Stop and the current call's stop, checked as one."""
+
+    def __init__(self, *events: threading.Event | None):
+        call = current()
+        self.events = [event for event in (*events, call.stop if call else None) if event is not None]
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+    def set(self) -> None:
+        for event in self.events:
+            event.set()
+
+
+def timeout_notice() -> str:
+    """The current call's time-cap notice, or ""."""
+    call = current()
+    return call.notice() if call is not None else ""
 
 
 def format_bytes(nbytes: float) -> str:

@@ -14,18 +14,16 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
-from models.checks import check_number
+from models.checks import check_choice, check_messages, check_model, check_number, check_text
 from models.errors import InvalidRequest
+from models.generation import MAX_NEW_TOKENS, GenerationParams
 
 # Tried on smollm2-135m: mentioning a "voice" assistant made it answer "Le Grand Paris is the capital of France".
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Your answers are read aloud: keep them short and plain."
 DEFAULT_MAX_NEW_TOKENS = 96
-MAX_NEW_TOKENS = 1024
 DEFAULT_TEMPERATURE = 0.3
-LANGUAGE_CHOICES = ["auto", "english", "chinese", "german", "spanish", "russian", "korean", "french", "japanese",
-                    "portuguese", "italian", "dutch", "arabic", "hindi", "turkish", "polish", "ukrainian",
-                    "vietnamese"]
 TTS_FAMILIES = ("tts", "piper")
 
 
@@ -72,37 +70,14 @@ class Timings:
                 f"**voice real-time factor** {self.real_time_factor:.2f}")
 
 
-def check_model(manager, model_id, task: str) -> str:
-    spec = manager.catalog.get(model_id)
-    if spec.task != task:
-        raise InvalidRequest(f"{model_id} is a {spec.task} model; choose one of: {', '.join(manager.catalog.ids(task))}")
-    return spec.id
-
-
-def check_history(history) -> list[dict]:
-    if history is None or history == "":
-        return []
-    if not isinstance(history, list):
-        raise InvalidRequest("history must be a list of {role, content} messages")
-    clean = []
-    for index, message in enumerate(history):
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") \
-                or not isinstance(message.get("content"), str):
-            raise InvalidRequest(f"history message {index} must be {{'role': 'user'|'assistant', 'content': text}}")
-        clean.append({"role": message["role"], "content": message["content"]})
-    return clean
-
-
-def check_choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise InvalidRequest(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def _voice_family(manager, model_id: str):
+def _family(catalog, model_id: str):
     from models.families import family_module
 
-    return family_module(manager.catalog.get(model_id).family)
+    return family_module(catalog.get(model_id).family)
+
+
+def _default(catalog, settings, model, task: str) -> str:
+    return catalog.default_for(task, settings.offline) if model in (None, "") else model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,77 +93,210 @@ class Variation:
         return {"noise_scale": self.noise_scale, "noise_w": self.noise_w}
 
 
-def transcribe_file(manager, audio, language: str = "auto", model: str = "whisper-tiny.en",
-                    task: str = "transcribe", timestamps: str = "none", progress=None):
+@dataclasses.dataclass(frozen=True)
+class AsrOptions:
+    """Which speech model hears the audio, and how."""
+
+    model: str
+    language: str = "auto"
+    task: str = "transcribe"
+    timestamps: str = "none"
+
+    @classmethod
+    def build(cls, catalog, settings, *, model=None, language="auto", task="transcribe",
+              timestamps="none") -> AsrOptions:
+        from models.families import asr
+
+        model = check_model(catalog, _default(catalog, settings, model, "speech-to-text"), "speech-to-text").id
+        language = check_text("language", language if language not in (None, "") else "auto", 40)
+        return cls(model=model, language=language, task=check_choice("task", task, asr.TASKS),
+                   timestamps=check_choice("timestamps", timestamps, asr.TIMESTAMPS))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplyOptions:
+    """Which chat model answers, with which system prompt, sampling settings and adapter."""
+
+    model: str
+    system_prompt: str
+    params: GenerationParams
+    adapter_folder: Path | None = None
+
+    @classmethod
+    def build(cls, catalog, settings, *, model=None, system_prompt=DEFAULT_SYSTEM_PROMPT,
+              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter="none") -> ReplyOptions:
+        from models import adapters
+
+        model = check_model(catalog, _default(catalog, settings, model, "chat"), "chat").id
+        params = GenerationParams(
+            max_new_tokens=check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True),
+            temperature=check_number("temperature", temperature, 0.0, 2.0))
+        system_prompt = check_text("system_prompt", system_prompt, settings.limits.text_chars, required=False)
+        return cls(model=model, system_prompt=system_prompt, params=params,
+                   adapter_folder=adapters.resolve(settings.adapters_dir, adapter, model))
+
+
+@dataclasses.dataclass(frozen=True)
+class VoiceOptions:
+    """Which voice speaks, and how (speaker, language, a reference to clone, speed, variation)."""
+
+    model: str
+    speaker: str = "default"
+    language: str = "default"
+    reference: str | None = None
+    speed: float = 1.0
+    variation: Variation = Variation()
+
+    @classmethod
+    def build(cls, catalog, settings, *, model=None, speaker="default", language="default", reference=None,
+              speed=1.0, noise_scale=None, noise_w=None) -> VoiceOptions:
+        model = check_model(catalog, _default(catalog, settings, model, "text-to-speech"), "text-to-speech").id
+        speed = check_number("speed", speed, *_family(catalog, model).SPEED_RANGE)
+        variation = Variation(
+            noise_scale=None if noise_scale is None else check_number("noise_scale", noise_scale, 0.0, 1.5),
+            noise_w=None if noise_w is None else check_number("noise_w", noise_w, 0.0, 1.5))
+        if reference in ("", None):
+            reference = None
+        else:  # checked as audio now, for a clear message before the voice model reads it
+            from models.audio import load_audio
+
+            load_audio(reference, max_seconds=60, limits=settings.limits)
+            reference = str(reference)
+        return cls(model=model, speaker=check_text("speaker", speaker or "default", 200),
+                   language=check_text("voice language", language or "default", 40), reference=reference,
+                   speed=speed, variation=variation)
+
+    def speak_kwargs(self, family) -> dict:
+        return dict(speaker=self.speaker, language=self.language, reference_wav=self.reference, speed=self.speed,
+                    **self.variation.kwargs(family.__name__.rsplit(".", 1)[-1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscribeRequest:
+    """/transcribe: one audio file to text."""
+
+    audio: str
+    asr: AsrOptions
+
+    @classmethod
+    def build(cls, catalog, settings, *, audio, model=None, language="auto", task="transcribe",
+              timestamps="none") -> TranscribeRequest:
+        return cls(audio=audio, asr=AsrOptions.build(catalog, settings, model=model, language=language, task=task,
+                                                     timestamps=timestamps))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """/chat: a message after a conversation, to a chat model."""
+
+    message: str
+    history: tuple
+    reply: ReplyOptions
+
+    @classmethod
+    def build(cls, catalog, settings, *, message, history=None, model=None, system_prompt=DEFAULT_SYSTEM_PROMPT,
+              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter="none") -> ChatRequest:
+        message = check_text("message", message, settings.limits.text_chars,
+                             empty_message="Say or type a message first.")
+        return cls(message=message, history=tuple(check_messages(history, settings.limits)),
+                   reply=ReplyOptions.build(catalog, settings, model=model, system_prompt=system_prompt,
+                                            max_new_tokens=max_new_tokens, temperature=temperature, adapter=adapter))
+
+    def messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.reply.system_prompt}] if self.reply.system_prompt else []
+        return system + list(self.history) + [{"role": "user", "content": self.message}]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeakRequest:
+    """/speak: text to a voice."""
+
+    text: str
+    voice: VoiceOptions
+
+    @classmethod
+    def build(cls, catalog, settings, *, text, model=None, speaker="default", language="default", reference=None,
+              speed=1.0, noise_scale=None, noise_w=None) -> SpeakRequest:
+        voice = VoiceOptions.build(catalog, settings, model=model, speaker=speaker, language=language,
+                                   reference=reference, speed=speed, noise_scale=noise_scale, noise_w=noise_w)
+        return cls(text=_family(catalog, voice.model).check_text(text), voice=voice)
+
+
+@dataclasses.dataclass(frozen=True)
+class VoiceTurnRequest:
+    """One assistant turn: audio (or typed text) heard, answered and spoken; audio wins over text."""
+
+    audio: str | None
+    text: str
+    history: tuple
+    asr: AsrOptions
+    reply: ReplyOptions
+    voice: VoiceOptions
+
+    @classmethod
+    def build(cls, catalog, settings, *, audio=None, text="", history=None, asr_model=None, language="auto",
+              task="transcribe", timestamps="none", chat_model=None, system_prompt=DEFAULT_SYSTEM_PROMPT,
+              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter="none",
+              tts_model=None, speaker="default", tts_language="default", reference=None, speed=1.0,
+              noise_scale=None, noise_w=None) -> VoiceTurnRequest:
+        audio = None if audio in (None, "") else audio
+        text = check_text("text", text, settings.limits.text_chars, required=False)
+        if audio is None and not text:
+            raise InvalidRequest("No input: record with the microphone, upload an audio file, or type a message.")
+        return cls(
+            audio=audio, text=text, history=tuple(check_messages(history, settings.limits)),
+            asr=AsrOptions.build(catalog, settings, model=asr_model, language=language, task=task,
+                                 timestamps=timestamps),
+            reply=ReplyOptions.build(catalog, settings, model=chat_model, system_prompt=system_prompt,
+                                     max_new_tokens=max_new_tokens, temperature=temperature, adapter=adapter),
+            voice=VoiceOptions.build(catalog, settings, model=tts_model, speaker=speaker, language=tts_language,
+                                     reference=reference, speed=speed, noise_scale=noise_scale, noise_w=noise_w))
+
+
+def transcribe_file(manager, settings, request: TranscribeRequest, progress=None):
     """Load, clean and transcribe an audio file; returns (Transcript, seconds spent)."""
     from models.audio import load_audio
     from models.families import asr
 
-    model = check_model(manager, model, "speech-to-text")
-    task = check_choice("task", task, asr.TASKS)
-    timestamps = check_choice("timestamps", timestamps, asr.TIMESTAMPS)
-    clip = load_audio(audio)
+    clip = load_audio(request.audio, limits=settings.limits)
+    options = request.asr
     started = time.perf_counter()
-    with manager.use(model, progress=progress) as handle:
-        transcript = asr.transcribe(handle, clip.samples, language, task, timestamps, progress=progress)
+    with manager.use(options.model, progress=progress) as handle:
+        transcript = asr.transcribe(handle, clip.samples, options.language, options.task, options.timestamps,
+                                    progress=progress)
     return transcript, time.perf_counter() - started
 
 
-def chat_reply(manager, settings, message: str, history=None, model: str = "smollm2-135m",
-               system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-               temperature=DEFAULT_TEMPERATURE, adapter: str = "none", stats=None, progress=None) -> Iterator[str]:
-    """Stream the assistant's reply (accumulated text) to ``message`` after ``history``."""
-    from models import adapters
+def chat_reply(manager, request: ChatRequest, stats=None, progress=None, notices: list[str] | None = None
+               ) -> Iterator[str]:
+    """Stream the assistant's reply (accumulated text) to the request's message after its history.
+
+    ``notices`` gets what the user should know: earlier turns left out to fit the context, a lowered
+    max_new_tokens, a stop by the time cap.
+    """
     from models.families import chat
-    from models.generation import GenerationParams
 
-    model = check_model(manager, model, "chat")
-    if not isinstance(message, str) or not message.strip():
-        raise InvalidRequest("Say or type a message first.")
-    if system_prompt is not None and not isinstance(system_prompt, str):
-        raise InvalidRequest("system_prompt must be text")
-    params = GenerationParams(
-        max_new_tokens=check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True),
-        temperature=check_number("temperature", temperature, 0.0, 2.0))
-    system = [{"role": "system", "content": system_prompt.strip()}] if system_prompt and system_prompt.strip() else []
-    messages = system + check_history(history) + [{"role": "user", "content": message.strip()}]
-    folder = adapters.resolve(settings.adapters_dir, adapter, model)
-    with manager.use(model, progress=progress) as handle:
-        if folder is not None or getattr(handle.model, "_hf_peft_config_loaded", False):
-            adapters.activate(handle.model, folder)
-        yield from chat.reply(handle, messages, params, stats=stats)
+    options = request.reply
+    with manager.use(options.model, progress=progress) as handle:
+        yield from chat.reply(handle, request.messages(), options.params, adapter_folder=options.adapter_folder,
+                              stats=stats, notices=notices, limits=manager.settings.limits)
 
 
-def _check_speech_options(manager, model: str, speed, reference):
-    """(model id, family module, speed) after checking them; the reference is validated as audio."""
-    model = check_model(manager, model, "text-to-speech")
-    family = _voice_family(manager, model)
-    speed = check_number("speed", speed, *family.SPEED_RANGE)
-    if reference is not None and reference != "":
-        from models.audio import load_audio
-
-        load_audio(reference, max_seconds=60)  # a clear message before the voice model reads it
-    return model, family, speed
-
-
-def speak_text(manager, text: str, model: str = "piper-joe", speaker: str = "default", language: str = "default",
-               reference=None, speed=1.0, progress=None, variation: Variation = Variation()):
-    """Synthesize ``text``; returns ((sample_rate, int16 samples), seconds spent)."""
+def speak_text(manager, request: SpeakRequest, progress=None):
+    """Synthesize the request's text; returns ((sample_rate, int16 samples), seconds spent)."""
     from models.audio import to_int16
 
-    model, family, speed = _check_speech_options(manager, model, speed, reference)
-    text = family.check_text(text)
+    family = _family(manager.catalog, request.voice.model)
     started = time.perf_counter()
-    with manager.use(model, progress=progress) as handle:
-        samples, rate = family.speak(handle, text, speaker=speaker, language=language,
-                                     reference_wav=reference or None, speed=speed, progress=progress,
-                                     **variation.kwargs(family.__name__.rsplit(".", 1)[-1]))
+    with manager.use(request.voice.model, progress=progress) as handle:
+        samples, rate = family.speak(handle, request.text, progress=progress,
+                                     **request.voice.speak_kwargs(family))
     return (rate, to_int16(samples)), time.perf_counter() - started
 
 
 def voice_options(manager, model: str) -> dict:
     """Speakers, languages, whether a reference voice is used and the family, for a voice (loads it)."""
-    model = check_model(manager, model, "text-to-speech")
+    model = check_model(manager.catalog, model, "text-to-speech").id
     with manager.use(model) as handle:
         return {"speakers": handle.speakers, "languages": handle.languages, "cloning": handle.supports_cloning,
                 "sample_rate": handle.sample_rate, "family": manager.catalog.get(model).family}
@@ -218,12 +326,10 @@ class SentenceSplitter:
 class SentenceVoice:
     """Speaks one sentence at a time with one voice, pinned from its first sentence until ``close``."""
 
-    def __init__(self, manager, model: str, speaker: str, language: str, reference, speed: float,
-                 variation: Variation):
-        self.manager, self.model = manager, model
-        self.family = _voice_family(manager, model)
-        self.options = dict(speaker=speaker, language=language, reference_wav=reference or None, speed=speed,
-                            **variation.kwargs(self.family.__name__.rsplit(".", 1)[-1]))
+    def __init__(self, manager, options: VoiceOptions):
+        self.manager, self.model = manager, options.model
+        self.family = _family(manager.catalog, options.model)
+        self.options = options.speak_kwargs(self.family)
         self._stack = contextlib.ExitStack()
         self._handle = None
         self.chunks: list = []
@@ -242,11 +348,13 @@ class SentenceVoice:
             self._handle = self._stack.enter_context(self.manager.use(self.model))
         try:
             samples, self.rate = self.family.speak(self._handle, sentence, **self.options)
-        except ValueError as exc:  # nothing pronounceable in this sentence: keep the text, skip its sound
+        except InvalidRequest as exc:  # nothing pronounceable in this sentence: keep the text, skip its sound
             self.skipped.append(str(exc))
             return None
         finally:
             self.seconds += time.perf_counter() - started
+        if not len(samples):  # the call was stopped before this sentence
+            return None
         if self.chunks:
             samples = np.concatenate([np.zeros(int(self.family.PAUSE_SECONDS * self.rate), np.float32), samples])
         chunk = (self.rate, to_int16(samples))
@@ -275,54 +383,43 @@ class TurnUpdate:
     timings: Timings = dataclasses.field(default_factory=Timings)
     history: list = dataclasses.field(default_factory=list)
     stage: str = ""
+    notices: list = dataclasses.field(default_factory=list)
 
 
-def voice_turn(manager, settings, audio=None, text: str = "", history=None, asr_model: str = "whisper-tiny.en",
-               language: str = "auto", task: str = "transcribe", timestamps: str = "none",
-               chat_model: str = "smollm2-135m", system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-               max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter: str = "none",
-               tts_model: str = "piper-joe", speaker: str = "default", tts_language: str = "default",
-               reference=None, speed=1.0, progress=None, variation: Variation = Variation(),
+def voice_turn(manager, settings, request: VoiceTurnRequest, progress=None,
                stream_speech: bool = True) -> Iterator[TurnUpdate]:
     """One assistant turn: yields after the transcript, as the reply streams, and with each spoken sentence.
 
-    Audio wins over typed text when both are given. With ``stream_speech`` (the default) each
-    sentence is spoken as soon as the chat model has finished it; without, the whole reply is
-    spoken after the model is done (one stage after the other).
+    With ``stream_speech`` (the default) each sentence is spoken as soon as the chat model has
+    finished it; without, the whole reply is spoken after the model is done (one stage after the other).
     """
     from models.families import asr
     from models.generation import StreamStats
 
     started = time.perf_counter()
-    # 0. Check every argument before any model loads, so a typo costs nothing
-    history = check_history(history)
-    for model_id, task_name in ((asr_model, "speech-to-text"), (chat_model, "chat"), (tts_model, "text-to-speech")):
-        check_model(manager, model_id, task_name)
-    check_choice("task", task, asr.TASKS)
-    check_choice("timestamps", timestamps, asr.TIMESTAMPS)
-    _, _, speed = _check_speech_options(manager, tts_model, speed, reference)
+    history = list(request.history)
     update = TurnUpdate(history=history)
 
     # 1. Speech to text (or the typed message)
-    if audio is not None and audio != "":
+    if request.audio is not None:
         update.stage = "transcribing"
-        transcript, seconds = transcribe_file(manager, audio, language, asr_model, task, timestamps, progress)
+        transcript, seconds = transcribe_file(manager, settings, TranscribeRequest(request.audio, request.asr),
+                                              progress)
         if not transcript.text.strip():
             raise InvalidRequest("No speech was recognized in the recording; speak again or type the message.")
         update.transcript, update.segments = transcript.text, asr.format_segments(transcript.segments)
         update.timings.asr_seconds, update.timings.audio_in_seconds = seconds, transcript.audio_seconds
-    elif isinstance(text, str) and text.strip():
-        update.transcript = text.strip()
     else:
-        raise InvalidRequest("No input: record with the microphone, upload an audio file, or type a message.")
+        update.transcript = request.text
     update.history = history + [{"role": "user", "content": update.transcript}]
     yield update
 
     # 2. The reply, streamed; each finished sentence is spoken while the next one is written
     update.stage = "replying"
     stats = StreamStats()
-    voice = SentenceVoice(manager, tts_model, speaker, tts_language, reference, speed, variation)
+    voice = SentenceVoice(manager, request.voice)
     splitter = SentenceSplitter()
+    chat = ChatRequest(message=update.transcript, history=request.history, reply=request.reply)
 
     def spoken(sentences: list[str]) -> Iterator[TurnUpdate]:
         for sentence in sentences:
@@ -336,8 +433,7 @@ def voice_turn(manager, settings, audio=None, text: str = "", history=None, asr_
             update.audio_chunk = None
 
     try:
-        for partial in chat_reply(manager, settings, update.transcript, history, chat_model, system_prompt,
-                                  max_new_tokens, temperature, adapter, stats=stats, progress=progress):
+        for partial in chat_reply(manager, chat, stats=stats, progress=progress, notices=update.notices):
             update.reply = partial
             update.history = history + [{"role": "user", "content": update.transcript},
                                         {"role": "assistant", "content": partial}]
@@ -351,6 +447,12 @@ def voice_turn(manager, settings, audio=None, text: str = "", history=None, asr_
             yield from spoken(splitter.rest(update.reply) if stream_speech else [update.reply])
     finally:
         voice.close()
+    _finish(update, voice, started)
+    yield update
+
+
+def _finish(update: TurnUpdate, voice: SentenceVoice, started: float) -> None:
+    """The whole reply's audio, the voice's timings and the final stage."""
     update.audio = voice.whole()
     update.timings.tts_seconds = voice.seconds
     update.timings.audio_out_seconds = len(update.audio[1]) / update.audio[0] if update.audio else 0.0
@@ -361,7 +463,6 @@ def voice_turn(manager, settings, audio=None, text: str = "", history=None, asr_
         update.stage = f"done (not spoken: {voice.skipped[0] if voice.skipped else 'nothing to say'})"
     else:
         update.stage = "done"
-    yield update
 
 
 def last(updates: Iterator[TurnUpdate]) -> TurnUpdate:

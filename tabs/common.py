@@ -8,6 +8,7 @@ import logging
 
 import gradio as gr
 
+from models import limits
 from models.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,54 @@ def user_errors(fn):
     return wrapper
 
 
+def model_call(manager, duration: int = 60):
+    """Decorate a handler that runs models (plain function or generator).
+
+    * One model call at a time on the device: the manager's call lock is held until the work has
+      really ended. Gradio frees its queue slot as soon as a client cancels or disconnects, while
+      the call may still be running; the next call waits here instead of running beside it.
+    * The call's stop flag (``models.limits.Call``) is current around every step of the work, so
+      generation and denoising loops stop at the next token or step when the client goes away
+      (Gradio then closes the generator) or when ``--max-call-seconds`` has passed.
+    * User errors and bugs are sorted as by ``user_errors``; ZeroGPU gets ``spaces.GPU``.
+    """
+    def decorate(fn):
+        handler = user_errors(fn)
+        cap = manager.settings.limits.call_seconds
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen_wrapper(*args, **kwargs):
+                call = limits.Call(cap)
+                with manager.call_lock:
+                    iterator = handler(*args, **kwargs)
+                    try:
+                        while True:
+                            with limits.active(call):
+                                try:
+                                    value = next(iterator)
+                                except StopIteration:
+                                    return
+                            yield value
+                    finally:
+                        call.stop.set()  # a closed generator: whatever still runs ends at its next step
+                        with limits.active(call):
+                            iterator.close()
+                        call.end()
+            return gpu(gen_wrapper, duration=duration)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            call = limits.Call(cap)
+            with manager.call_lock, limits.active(call):
+                try:
+                    return handler(*args, **kwargs)
+                finally:
+                    call.end()
+        return gpu(wrapper, duration=duration)
+    return decorate
+
+
 def gpu(fn=None, *, duration: int = 60):
     """Decorate with ``spaces.GPU`` on ZeroGPU Spaces; a no-op everywhere else."""
     def wrap(func):
@@ -65,6 +114,35 @@ def gpu(fn=None, *, duration: int = 60):
             return func
         return spaces.GPU(duration=duration)(func)
     return wrap(fn) if fn is not None else wrap
+
+
+class Form:
+    """Named input components: a handler gets ``{name: value}``, so no two inputs can be swapped by position.
+
+    Pass ``form.inputs`` (a set) as an event's inputs; Gradio then calls the handler with one dict
+    keyed by component, which ``form.values`` turns into keyword arguments for a request's ``build``.
+    """
+
+    def __init__(self, **components):
+        self.components = components
+
+    @property
+    def inputs(self) -> set:
+        return set(self.components.values())
+
+    def values(self, data: dict) -> dict:
+        return {name: data[component] for name, component in self.components.items()}
+
+
+def inputs_for(fn, ui, **components) -> list:
+    """The input components of ``fn``'s parameters, in order, found by parameter name.
+
+    A parameter takes the component given for it in ``components``, else ``ui``'s attribute of the
+    same name; Gradio's own ``request`` and ``progress`` parameters are skipped. An endpoint's
+    parameters and its components cannot be paired up in the wrong order.
+    """
+    names = [name for name in inspect.signature(fn).parameters if name not in ("request", "progress")]
+    return [components[name] if name in components else getattr(ui, name) for name in names]
 
 
 def model_choices(manager, task: str) -> list[tuple[str, str]]:

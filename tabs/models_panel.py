@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -13,6 +14,7 @@ from tabs.common import user_errors
 COLUMNS = ["id", "task", "device", "precision", "size (MB)", "load (s)", "last used", "in use"]
 PREP_COLUMNS = ["id", "first-use preparation", "seconds", "message"]
 REFRESH_SECONDS = 3
+DISK_REFRESH_SECONDS = 30  # walking the cache folders costs more than reading the manager
 
 
 def snapshot_rows(snapshot: list[dict]) -> list[list]:
@@ -25,6 +27,17 @@ def snapshot_rows(snapshot: list[dict]) -> list[list]:
 
 def preparation_rows(snapshot: list[dict]) -> list[list]:
     return [[p["id"], p["state"], p["seconds"] or "", p["message"][:200]] for p in snapshot]
+
+
+def disk_markdown(settings) -> str:
+    """One line: what each area of the cache takes on disk, and the retention limit."""
+    from models.limits import format_bytes
+    from models.retention import disk_usage
+
+    usage = disk_usage(settings)
+    parts = " · ".join(f"{name.replace('_', ' ')} {format_bytes(size)}" for name, size in usage.items())
+    return (f"**Disk:** {parts}. Generated images, finished runs and uploads beyond {settings.retention_gb:g} GB "
+            "are removed oldest first (--retention-gb); adapters are kept.")
 
 
 def budget_meter_html(used: int, budget: int) -> str:
@@ -55,6 +68,37 @@ def unload_all_message(manager) -> str:
 
 
 def build(manager, settings) -> None:
+    ui = _layout(manager)
+    ui.disk = gr.Markdown(disk_markdown(settings), elem_id="models-disk")
+    ui.disk_timer = gr.Timer(DISK_REFRESH_SECONDS)
+    ui.disk_timer.tick(lambda: disk_markdown(settings), outputs=ui.disk, show_progress="hidden",
+                       api_visibility="private", queue=False)
+    _wire(manager, ui)
+
+
+def _layout(manager) -> SimpleNamespace:
+    """The tab's components, by name."""
+    ui = SimpleNamespace()
+    with gr.Row():
+        ui.meter = gr.HTML(budget_meter_html(0, manager.budget), elem_id="budget-meter")
+    ui.table = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, elem_id="models-table",
+                            label="Loaded models (refreshes every few seconds)")
+    with gr.Row():
+        ui.choice = gr.Dropdown(choices=[], label="Loaded model", allow_custom_value=True, scale=3)
+        ui.unload = gr.Button("Unload", scale=1)
+        ui.unload_all = gr.Button("Unload all", variant="stop", scale=1, elem_id="unload-all")
+    ui.status = gr.Markdown(elem_id="models-status")
+    ui.prepared = gr.Dataframe(headers=PREP_COLUMNS, value=preparation_rows(manager.preparation.snapshot()),
+                               interactive=False, elem_id="models-preparation",
+                               label="Offline models: one-time preparation (build or convert into the cache)")
+    ui.timer = gr.Timer(REFRESH_SECONDS)
+    return ui
+
+
+def _wire(manager, ui: SimpleNamespace) -> None:
+    """The refresh timer, Unload and Unload all, and the /models, /unload, /unload_all endpoints."""
+    shown = [ui.table, ui.meter, ui.choice, ui.prepared]
+
     def refresh():
         snap = manager.snapshot()
         ids = [m["id"] for m in snap]
@@ -62,34 +106,18 @@ def build(manager, settings) -> None:
                 gr.update(choices=ids, value=ids[0] if ids else None),
                 preparation_rows(manager.preparation.snapshot()))
 
-    with gr.Row():
-        meter = gr.HTML(budget_meter_html(0, manager.budget), elem_id="budget-meter")
-    table = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, elem_id="models-table",
-                         label="Loaded models (refreshes every few seconds)")
-    with gr.Row():
-        choice = gr.Dropdown(choices=[], label="Loaded model", allow_custom_value=True, scale=3)
-        unload_btn = gr.Button("Unload", scale=1)
-        unload_all_btn = gr.Button("Unload all", variant="stop", scale=1, elem_id="unload-all")
-    status = gr.Markdown(elem_id="models-status")
-    prepared = gr.Dataframe(headers=PREP_COLUMNS, value=preparation_rows(manager.preparation.snapshot()),
-                            interactive=False, elem_id="models-preparation",
-                            label="Offline models: one-time preparation (build or convert into the cache)")
-    timer = gr.Timer(REFRESH_SECONDS)
-
-    timer.tick(refresh, outputs=[table, meter, choice, prepared], show_progress="hidden", api_visibility="private",
-               queue=False)
     @user_errors
     def unload(model_id: str) -> str:
         """Unload one model (idempotent); returns what happened."""
         return unload_message(manager, model_id)
 
-    unload_btn.click(unload, inputs=choice, outputs=status, api_name="unload").then(
-        refresh, outputs=[table, meter, choice, prepared], api_visibility="private")
-    unload_all_btn.click(lambda: unload_all_message(manager), outputs=status, api_name="unload_all").then(
-        refresh, outputs=[table, meter, choice, prepared], api_visibility="private")
-
     def models() -> dict:
         """Loaded models (id, task, device, precision, bytes, load seconds, last use, pinned) and budget."""
         return json.loads(models_json(manager))
 
+    ui.timer.tick(refresh, outputs=shown, show_progress="hidden", api_visibility="private", queue=False)
+    ui.unload.click(unload, inputs=ui.choice, outputs=ui.status, api_name="unload").then(
+        refresh, outputs=shown, api_visibility="private")
+    ui.unload_all.click(lambda: unload_all_message(manager), outputs=ui.status, api_name="unload_all").then(
+        refresh, outputs=shown, api_visibility="private")
     gr.api(models, api_name="models", queue=False)

@@ -1,27 +1,29 @@
 """Voice assistant tab: speech (or typed text) -> transcript -> streamed reply -> spoken reply.
 
-The logic is ``models.voice`` (no gradio); this module lays out the tab and wires its events.
-The reply is spoken sentence by sentence while it is written: the first sentence plays as soon
-as it is synthesized (a streamed audio output, which Gradio encodes with ffmpeg), and the whole
-reply is also offered as one WAV at the end.
+The logic is ``models.voice`` (no gradio); this module lays out the tab (``_layout``) and wires its
+events (``_wire_turn``, ``_wire_tools``, ``_wire_api``). The reply is spoken sentence by sentence
+while it is written: the first sentence plays as soon as it is synthesized (a streamed audio
+output, which Gradio encodes with ffmpeg), and the whole reply is also offered as one WAV.
 """
 
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import gradio as gr
 
-from models.families.asr import TIMESTAMPS as TIMESTAMP_CHOICES
-from models.families.asr import format_segments
+from models.families.asr import LANGUAGES, TIMESTAMPS, format_segments
+from models.generation import MAX_NEW_TOKENS
 from models.voice import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SYSTEM_PROMPT,
     DEFAULT_TEMPERATURE,
-    LANGUAGE_CHOICES,
-    MAX_NEW_TOKENS,
+    ChatRequest,
+    SpeakRequest,
     Timings,
-    Variation,
+    TranscribeRequest,
+    VoiceTurnRequest,
     chat_reply,
     last,
     speak_text,
@@ -29,7 +31,17 @@ from models.voice import (
     voice_options,
     voice_turn,
 )
-from tabs.common import GPU_QUEUE, adapter_choices, default_model, gpu, model_choices, user_errors
+from tabs.common import (
+    GPU_QUEUE,
+    Form,
+    adapter_choices,
+    default_model,
+    inputs_for,
+    model_call,
+    model_choices,
+)
+
+LANGUAGE_CHOICES = ["auto", *LANGUAGES]
 
 
 def streaming_audio_available() -> bool:
@@ -44,99 +56,113 @@ def _progress_callback(progress):
 
 
 def build(manager, settings) -> None:
-    asr_default = default_model(manager, settings, "speech-to-text")
-    chat_default = default_model(manager, settings, "chat")
-    tts_default = default_model(manager, settings, "text-to-speech")
-    streaming = streaming_audio_available()
+    ui = _layout(manager, settings)
+    _wire_turn(manager, settings, ui)
+    _wire_tools(manager, settings, ui)
+    _wire_api(manager, settings, ui)
 
+
+def _layout(manager, settings) -> SimpleNamespace:
+    """The tab's components, by name."""
+    ui = SimpleNamespace(streaming=streaming_audio_available())
     # Custom values are allowed so that API callers get the catalog's message listing known models.
     with gr.Row():
-        asr_model = gr.Dropdown(model_choices(manager, "speech-to-text"), value=asr_default, label="Speech model",
-                                allow_custom_value=True, elem_id="voice-asr-model")
-        chat_model = gr.Dropdown(model_choices(manager, "chat"), value=chat_default, label="Chat model",
-                                 allow_custom_value=True, elem_id="voice-chat-model")
-        tts_model = gr.Dropdown(model_choices(manager, "text-to-speech"), value=tts_default, label="Voice model",
-                                allow_custom_value=True, elem_id="voice-tts-model")
+        ui.asr_model = gr.Dropdown(model_choices(manager, "speech-to-text"), label="Speech model",
+                                   value=default_model(manager, settings, "speech-to-text"),
+                                   allow_custom_value=True, elem_id="voice-asr-model")
+        ui.chat_model = gr.Dropdown(model_choices(manager, "chat"), value=default_model(manager, settings, "chat"),
+                                    label="Chat model", allow_custom_value=True, elem_id="voice-chat-model")
+        ui.tts_model = gr.Dropdown(model_choices(manager, "text-to-speech"), label="Voice model",
+                                   value=default_model(manager, settings, "text-to-speech"),
+                                   allow_custom_value=True, elem_id="voice-tts-model")
     with gr.Row():
         with gr.Column(scale=1):
-            audio_in = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speak or upload audio")
-            text_in = gr.Textbox("", label="…or type a message", lines=2, placeholder="What is the capital of France?")
-            with gr.Row():
-                send = gr.Button("Send", variant="primary", elem_id="voice-send")
-                stop = gr.Button("Stop", elem_id="voice-stop")
-                transcribe_only = gr.Button("Transcribe only")
-                clear = gr.Button("Clear conversation", variant="stop")
-            with gr.Accordion("Speech recognition", open=False):
-                language = gr.Dropdown(LANGUAGE_CHOICES, value="auto", label="Language", allow_custom_value=True,
-                                       info="or a Whisper language code; whisper-tiny.en knows only English")
-                task = gr.Radio(["transcribe", "translate"], value="transcribe", label="Task",
-                                info="translate: speech in any language to English text (multilingual models)")
-                timestamps = gr.Radio(list(TIMESTAMP_CHOICES), value="none", label="Timestamps")
-            with gr.Accordion("Reply", open=False):
-                system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
-                max_new_tokens = gr.Slider(8, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=8,
-                                           label="Max new tokens")
-                temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature")
-                adapter = gr.Dropdown(adapter_choices(settings), value="none", label="LoRA adapter",
-                                      allow_custom_value=True)
-            with gr.Accordion("Voice", open=False):
-                speaker = gr.Dropdown(["default"], value="default", label="Speaker", allow_custom_value=True)
-                tts_language = gr.Dropdown(["default"], value="default", label="Voice language",
-                                           allow_custom_value=True)
-                reference = gr.Audio(sources=["upload"], type="filepath", label="Reference voice (XTTS cloning)")
-                speed = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Speed")
-                noise_scale = gr.Slider(0.0, 1.5, value=0.667, step=0.01, label="Variation (noise scale, Piper)",
-                                        info="higher: livelier, less stable intonation")
-                noise_w = gr.Slider(0.0, 1.5, value=0.8, step=0.01, label="Rhythm variation (noise w, Piper)")
+            _layout_inputs(ui, settings)
         with gr.Column(scale=1):
-            transcript = gr.Textbox(label="Transcript", interactive=False, elem_id="voice-transcript")
-            segments = gr.Textbox(label="Timestamps", interactive=False, lines=3)
-            chatbot = gr.Chatbot(label="Conversation", height=320, elem_id="voice-chat")
-            reply_stream = gr.Audio(label="Spoken reply (plays as it is spoken)", streaming=True, autoplay=True,
-                                    interactive=False, visible=streaming, elem_id="voice-reply-stream")
-            reply_audio = gr.Audio(label="Whole reply (WAV)", type="numpy", autoplay=not streaming,
-                                   interactive=False, elem_id="voice-reply-audio")
-            timings = gr.Markdown(elem_id="voice-timings")
-    history = gr.State([])
+            ui.transcript = gr.Textbox(label="Transcript", interactive=False, elem_id="voice-transcript")
+            ui.segments = gr.Textbox(label="Timestamps", interactive=False, lines=3)
+            ui.chatbot = gr.Chatbot(label="Conversation", height=320, elem_id="voice-chat")
+            ui.reply_stream = gr.Audio(label="Spoken reply (plays as it is spoken)", streaming=True, autoplay=True,
+                                       interactive=False, visible=ui.streaming, elem_id="voice-reply-stream")
+            ui.reply_audio = gr.Audio(label="Whole reply (WAV)", type="numpy", autoplay=not ui.streaming,
+                                      interactive=False, elem_id="voice-reply-audio")
+            ui.timings = gr.Markdown(elem_id="voice-timings")
+    ui.history = gr.State([])
+    return ui
 
-    turn_inputs = [audio_in, text_in, history, asr_model, language, task, timestamps, chat_model, system_prompt,
-                   max_new_tokens, temperature, adapter, tts_model, speaker, tts_language, reference, speed,
-                   noise_scale, noise_w]
 
-    @gpu
-    @user_errors
-    def run_turn(*values, progress=gr.Progress()):
-        *values, noise, noise_width = values
-        turn = voice_turn(manager, settings, *values, progress=_progress_callback(progress),
-                          variation=Variation(noise, noise_width))
-        for update in turn:
-            chunk = update.audio_chunk if streaming else None
+def _layout_inputs(ui: SimpleNamespace, settings) -> None:
+    ui.audio_in = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speak or upload audio")
+    ui.text_in = gr.Textbox("", label="…or type a message", lines=2, placeholder="What is the capital of France?")
+    with gr.Row():
+        ui.send = gr.Button("Send", variant="primary", elem_id="voice-send")
+        ui.stop = gr.Button("Stop", elem_id="voice-stop")
+        ui.transcribe_only = gr.Button("Transcribe only")
+        ui.clear = gr.Button("Clear conversation", variant="stop")
+    with gr.Accordion("Speech recognition", open=False):
+        ui.language = gr.Dropdown(LANGUAGE_CHOICES, value="auto", label="Language", allow_custom_value=True,
+                                  info="or a Whisper language code; whisper-tiny.en knows only English")
+        ui.task = gr.Radio(["transcribe", "translate"], value="transcribe", label="Task",
+                           info="translate: speech in any language to English text (multilingual models)")
+        ui.timestamps = gr.Radio(list(TIMESTAMPS), value="none", label="Timestamps")
+    with gr.Accordion("Reply", open=False):
+        ui.system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
+        ui.max_new_tokens = gr.Slider(8, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=8, label="Max new tokens")
+        ui.temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature")
+        ui.adapter = gr.Dropdown(adapter_choices(settings), value="none", label="LoRA adapter", allow_custom_value=True)
+    with gr.Accordion("Voice", open=False):
+        ui.speaker = gr.Dropdown(["default"], value="default", label="Speaker", allow_custom_value=True)
+        ui.tts_language = gr.Dropdown(["default"], value="default", label="Voice language", allow_custom_value=True)
+        ui.reference = gr.Audio(sources=["upload"], type="filepath", label="Reference voice (XTTS cloning)")
+        ui.speed = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Speed")
+        ui.noise_scale = gr.Slider(0.0, 1.5, value=0.667, step=0.01, label="Variation (noise scale, Piper)",
+                                   info="higher: livelier, less stable intonation")
+        ui.noise_w = gr.Slider(0.0, 1.5, value=0.8, step=0.01, label="Rhythm variation (noise w, Piper)")
+
+
+def _wire_turn(manager, settings, ui: SimpleNamespace) -> None:
+    """Send (a whole turn, spoken as it is written), Stop and Clear."""
+    form = Form(audio=ui.audio_in, text=ui.text_in, history=ui.history, asr_model=ui.asr_model,
+                language=ui.language, task=ui.task, timestamps=ui.timestamps, chat_model=ui.chat_model,
+                system_prompt=ui.system_prompt, max_new_tokens=ui.max_new_tokens, temperature=ui.temperature,
+                adapter=ui.adapter, tts_model=ui.tts_model, speaker=ui.speaker, tts_language=ui.tts_language,
+                reference=ui.reference, speed=ui.speed, noise_scale=ui.noise_scale, noise_w=ui.noise_w)
+
+    @model_call(manager)
+    def run_turn(data, progress=gr.Progress()):
+        request = VoiceTurnRequest.build(manager.catalog, settings, **form.values(data))
+        for update in voice_turn(manager, settings, request, progress=_progress_callback(progress)):
+            chunk = update.audio_chunk if ui.streaming else None
+            notes = "".join(f"  \n*{note}*" for note in update.notices)
             yield (update.transcript, update.segments, update.history, chunk, update.audio,
-                   f"{update.timings.markdown()}  \n*{update.stage}*", update.history)
+                   f"{update.timings.markdown()}  \n*{update.stage}*{notes}", update.history)
 
-    send_event = send.click(
-        run_turn, inputs=turn_inputs,
-        outputs=[transcript, segments, chatbot, reply_stream, reply_audio, timings, history],
+    send_event = ui.send.click(
+        run_turn, inputs=form.inputs,
+        outputs=[ui.transcript, ui.segments, ui.chatbot, ui.reply_stream, ui.reply_audio, ui.timings, ui.history],
         api_visibility="private", **GPU_QUEUE)
-    send_event.success(lambda: (None, ""), outputs=[audio_in, text_in], api_visibility="private", queue=False)
-    stop.click(None, cancels=[send_event], api_visibility="private", queue=False)
+    send_event.success(lambda: (None, ""), outputs=[ui.audio_in, ui.text_in], api_visibility="private", queue=False)
+    ui.stop.click(None, cancels=[send_event], api_visibility="private", queue=False)
+    ui.clear.click(lambda: ([], [], "", "", None, ""),
+                   outputs=[ui.history, ui.chatbot, ui.transcript, ui.segments, ui.reply_audio, ui.timings],
+                   api_visibility="private", queue=False)
 
-    @gpu
-    @user_errors
-    def run_transcribe_only(audio, language, model, task, timestamps, progress=gr.Progress()):
-        result, seconds = transcribe_file(manager, audio, language, model, task, timestamps,
-                                          _progress_callback(progress))
+
+def _wire_tools(manager, settings, ui: SimpleNamespace) -> None:
+    """Transcribe only, and the voice's own options when the voice model changes."""
+    form = Form(audio=ui.audio_in, language=ui.language, model=ui.asr_model, task=ui.task, timestamps=ui.timestamps)
+
+    @model_call(manager)
+    def run_transcribe_only(data, progress=gr.Progress()):
+        request = TranscribeRequest.build(manager.catalog, settings, **form.values(data))
+        result, seconds = transcribe_file(manager, settings, request, _progress_callback(progress))
         return (result.text, format_segments(result.segments),
                 Timings(asr_seconds=seconds, audio_in_seconds=result.audio_seconds).markdown())
 
-    transcribe_only.click(run_transcribe_only, inputs=[audio_in, language, asr_model, task, timestamps],
-                          outputs=[transcript, segments, timings], api_visibility="private", **GPU_QUEUE)
+    ui.transcribe_only.click(run_transcribe_only, inputs=form.inputs, outputs=[ui.transcript, ui.segments, ui.timings],
+                             api_visibility="private", **GPU_QUEUE)
 
-    clear.click(lambda: ([], [], "", "", None, ""), outputs=[history, chatbot, transcript, segments, reply_audio,
-                                                            timings], api_visibility="private", queue=False)
-
-    @gpu
-    @user_errors
+    @model_call(manager)
     def refresh_voice(model):
         options = voice_options(manager, model)
         speakers, languages = ["default"] + options["speakers"], ["default"] + options["languages"]
@@ -145,68 +171,62 @@ def build(manager, settings) -> None:
                 gr.update(choices=languages, value="default", visible=len(languages) > 1),
                 gr.update(visible=options["cloning"]), gr.update(visible=piper), gr.update(visible=piper))
 
-    tts_model.change(refresh_voice, inputs=tts_model, outputs=[speaker, tts_language, reference, noise_scale, noise_w],
-                     api_visibility="private", **GPU_QUEUE)
-
-    _build_api(manager, settings, audio_in, text_in, language, asr_model, task, timestamps, chat_model,
-               system_prompt, max_new_tokens, temperature, adapter, tts_model, speaker, tts_language, reference, speed,
-               (asr_default, chat_default, tts_default))
+    ui.tts_model.change(refresh_voice, inputs=ui.tts_model,
+                        outputs=[ui.speaker, ui.tts_language, ui.reference, ui.noise_scale, ui.noise_w],
+                        api_visibility="private", **GPU_QUEUE)
 
 
-def _build_api(manager, settings, audio_in, text_in, language, asr_model, task, timestamps, chat_model,
-               system_prompt, max_new_tokens, temperature, adapter, tts_model, speaker, tts_language, reference,
-               speed, defaults) -> None:
-    """Named API endpoints: hidden triggers whose inputs reuse the visible controls' defaults."""
-    asr_default, chat_default, tts_default = defaults
+def _wire_api(manager, settings, ui: SimpleNamespace) -> None:
+    """Named API endpoints: hidden triggers whose inputs reuse the visible controls' defaults.
+
+    Each handler's parameter names are the API's; they go to a request's ``build`` by keyword.
+    """
     with gr.Group(visible=False):
-        api_text = gr.Textbox(visible=False)
         api_history = gr.JSON([], visible=False)
-        api_reply = gr.Textbox(visible=False)
+        api_text, api_reply = gr.Textbox(visible=False), gr.Textbox(visible=False)
         api_audio = gr.Audio(type="numpy", visible=False)
         api_timings = gr.JSON(visible=False)
         trigger = gr.Button(visible=False)
+    catalog = manager.catalog
 
-    @gpu
-    @user_errors
+    @model_call(manager)
     def transcribe(audio, language, model, task, timestamps, progress=gr.Progress()):
         """Transcribe an audio file (WAV, FLAC, MP3, OGG; up to 10 minutes); returns the text."""
-        result, _ = transcribe_file(manager, audio, language, model, task, timestamps, _progress_callback(progress))
-        return result.text
+        request = TranscribeRequest.build(catalog, settings, audio=audio, language=language, model=model, task=task,
+                                          timestamps=timestamps)
+        return transcribe_file(manager, settings, request, _progress_callback(progress))[0].text
 
-    trigger.click(transcribe, inputs=[audio_in, language, asr_model, task, timestamps], outputs=api_text,
-                  api_name="transcribe", **GPU_QUEUE)
-
-    @gpu
-    @user_errors
+    @model_call(manager)
     def chat(message, history, model, system_prompt, max_new_tokens, temperature, adapter):
         """Reply to ``message`` after ``history`` (messages format); streams, returns the reply."""
-        yield from chat_reply(manager, settings, message, history, model, system_prompt, max_new_tokens,
-                              temperature, adapter)
+        yield from chat_reply(manager, ChatRequest.build(
+            catalog, settings, message=message, history=history, model=model, system_prompt=system_prompt,
+            max_new_tokens=max_new_tokens, temperature=temperature, adapter=adapter))
 
-    trigger.click(chat, inputs=[text_in, api_history, chat_model, system_prompt, max_new_tokens, temperature,
-                                adapter], outputs=api_reply, api_name="chat", **GPU_QUEUE)
-
-    @gpu
-    @user_errors
+    @model_call(manager)
     def speak(text, model, speaker, language, reference=None, speed=1.0):
         """Speak ``text``; returns a WAV file at the model's sample rate."""
-        audio, _ = speak_text(manager, text, model, speaker, language, reference, speed)
-        return audio
+        return speak_text(manager, SpeakRequest.build(catalog, settings, text=text, model=model, speaker=speaker,
+                                                      language=language, reference=reference, speed=speed))[0]
 
-    trigger.click(speak, inputs=[text_in, tts_model, speaker, tts_language, reference, speed], outputs=api_audio,
-                  api_name="speak", **GPU_QUEUE)
-
-    @gpu
-    @user_errors
-    def voice(audio=None, text="", history=None, asr_model=asr_default, language="auto", chat_model=chat_default,
-              system_prompt=DEFAULT_SYSTEM_PROMPT, tts_model=tts_default, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-              temperature=DEFAULT_TEMPERATURE):
+    @model_call(manager)
+    def voice(audio=None, text="", history=None, asr_model=ui.asr_model.value, language="auto",
+              chat_model=ui.chat_model.value, system_prompt=DEFAULT_SYSTEM_PROMPT, tts_model=ui.tts_model.value,
+              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE):
         """One turn: audio (or text) -> transcript, reply, spoken reply (WAV) and stage timings."""
-        final = last(voice_turn(manager, settings, audio, text, history, asr_model, language, "transcribe", "none",
-                                chat_model, system_prompt, max_new_tokens, temperature, tts_model=tts_model))
+        request = VoiceTurnRequest.build(
+            catalog, settings, audio=audio, text=text, history=history, asr_model=asr_model, language=language,
+            chat_model=chat_model, system_prompt=system_prompt, tts_model=tts_model, max_new_tokens=max_new_tokens,
+            temperature=temperature)
+        final = last(voice_turn(manager, settings, request))
         return final.transcript, final.reply, final.audio, final.timings.as_dict()
 
-    trigger.click(voice, inputs=[audio_in, text_in, api_history, asr_model, language, chat_model, system_prompt,
-                                 tts_model, max_new_tokens, temperature],
-                  outputs=[api_text, api_reply, api_audio, api_timings],
-                  api_name="voice", **GPU_QUEUE)
+    # Each endpoint's parameters find their components by name (inputs_for), so none can be swapped.
+    trigger.click(transcribe, inputs=inputs_for(transcribe, ui, audio=ui.audio_in, model=ui.asr_model),
+                  outputs=api_text, api_name="transcribe", **GPU_QUEUE)
+    trigger.click(chat, inputs=inputs_for(chat, ui, message=ui.text_in, history=api_history, model=ui.chat_model),
+                  outputs=api_reply, api_name="chat", **GPU_QUEUE)
+    trigger.click(speak, inputs=inputs_for(speak, ui, text=ui.text_in, model=ui.tts_model, language=ui.tts_language),
+                  outputs=api_audio, api_name="speak", **GPU_QUEUE)
+    trigger.click(voice, inputs=inputs_for(voice, ui, audio=ui.audio_in, text=ui.text_in, history=api_history),
+                  outputs=[api_text, api_reply, api_audio, api_timings], api_name="voice", **GPU_QUEUE)

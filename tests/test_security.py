@@ -36,7 +36,7 @@ def keyword(call: ast.Call, name: str) -> ast.keyword | None:
 # ---- binding and auth ------------------------------------------------------------------------
 
 
-def test_binds_localhost_unless_a_host_is_given(tmp_path, monkeypatch):
+def test_binds_localhost_unless_a_host_is_given(monkeypatch):
     import app
     from models.settings import settings_from_args
 
@@ -223,11 +223,8 @@ MODEL_TABS = ("vqa", "text_to_image", "voice")
 
 
 def test_model_tabs_decorate_their_handlers_on_zerogpu(monkeypatch, tmp_path, catalog):
-    """With a `spaces` module present, each model tab wraps its handlers in spaces.GPU.
-
-    The tab module is reloaded under the fake so that module-level ``@gpu`` counts too, and
-    reloaded again afterwards so that later tests get the plain functions back.
-    """
+    """With a `spaces` module present, every event of a model tab that runs in the GPU queue is wrapped
+    in spaces.GPU (ZeroGPU gives a GPU only inside such a call)."""
     import importlib
 
     import gradio as gr
@@ -235,16 +232,17 @@ def test_model_tabs_decorate_their_handlers_on_zerogpu(monkeypatch, tmp_path, ca
     from models.manager import ModelManager
 
     settings = make_settings(tmp_path)
-    record: list = []
     for tab in MODEL_TABS:
         module = importlib.import_module(f"tabs.{tab}")
-        before = len(record)
-        monkeypatch.setitem(sys.modules, "spaces", fake_spaces_module(record))
+        monkeypatch.setitem(sys.modules, "spaces", fake_spaces_module([]))
         try:
             importlib.reload(module)
-            with gr.Blocks():
+            with gr.Blocks() as demo:
                 module.build(ModelManager(catalog, settings), settings)
         finally:
             monkeypatch.delitem(sys.modules, "spaces")
             importlib.reload(module)
-        assert len(record) > before, f"tabs/{tab}.py builds no event decorated with tabs.common.gpu"
+        gpu_events = [fn for fn in demo.fns.values() if fn.concurrency_id == "gpu"]
+        assert gpu_events, f"tabs/{tab}.py has no event in the GPU queue"
+        unwrapped = [fn.name for fn in gpu_events if not hasattr(fn.fn, "zero_gpu_duration")]
+        assert unwrapped == [], f"tabs/{tab}.py: GPU-queue events not wrapped in spaces.GPU: {unwrapped}"

@@ -21,7 +21,8 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-def test_defaults_are_local_and_conservative(clean_env):
+@pytest.mark.usefixtures("clean_env")
+def test_defaults_are_local_and_conservative():
     settings = settings_from_args([])
     assert settings.host == "127.0.0.1"
     assert settings.port == 7860
@@ -35,7 +36,8 @@ def test_defaults_are_local_and_conservative(clean_env):
     assert settings.offline_models_dir == settings.cache_dir / "offline-models"
 
 
-def test_flags(clean_env, tmp_path):
+@pytest.mark.usefixtures("clean_env")
+def test_flags(tmp_path):
     models_file = tmp_path / "extra.yaml"
     settings = settings_from_args([
         "--host", "0.0.0.0", "--port", "9000", "--share", "--auth", "ann:pw", "--memory-budget", "2.5",
@@ -116,18 +118,21 @@ def test_parse_auth_rejects_malformed(value):
         parse_auth(value)
 
 
-def test_bad_budget_is_refused(clean_env):
+@pytest.mark.usefixtures("clean_env")
+def test_bad_budget_is_refused():
     with pytest.raises(SystemExit, match="memory-budget"):
         settings_from_args(["--memory-budget", "0"])
 
 
-def test_bad_device_is_refused(clean_env, capsys):
+@pytest.mark.usefixtures("clean_env")
+def test_bad_device_is_refused(capsys):
     with pytest.raises(SystemExit):
         settings_from_args(["--device", "tpu"])
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_auth_is_not_in_repr(clean_env):
+@pytest.mark.usefixtures("clean_env")
+def test_auth_is_not_in_repr():
     settings = settings_from_args(["--auth", "ann:hunter2-secret"])
     assert settings.auth == ("ann", "hunter2-secret")
     assert "hunter2-secret" not in repr(settings)

@@ -141,9 +141,9 @@ BAD_INPUTS = [
     ({"seed": -5}, "seed must be between -1"),
     ({"scheduler": "Heun++"}, "Unknown scheduler"),
     ({"style": "baroque"}, "Unknown style"),
-    ({"prompt": "a cat \udcff"}, "not valid UTF-8"),
-    ({"prompt": b"caf\xe9"}, "not valid UTF-8"),
-    ({"negative_prompt": "x" * 5000}, "limit is 4000"),
+    ({"prompt": "a cat \udcff"}, "invalid Unicode"),
+    ({"prompt": b"caf\xe9"}, "must be text, got bytes"),
+    ({"negative_prompt": "x" * 5000}, "limit is 4,000"),
 ]
 
 
@@ -221,13 +221,21 @@ def test_every_scheduler_and_memory_option_runs(manager, catalog):
         assert np.array_equal(np.array(back.images[0], dtype=int), plain), "options switch back off cleanly"
 
 
-# ---- the tab's plain functions -------------------------------------------------------------------
+# ---- the core functions the tab and the API call ----------------------------------------------------
+
+def generate(manager, settings, prompt="", *, stop=None, on_step=None, **values):
+    """/txt2img's path: a request built from values, then the run."""
+    from models.text_to_image import Txt2ImgRequest, txt2img
+
+    request = Txt2ImgRequest.build(manager, settings, prompt=prompt, **values)
+    return txt2img(manager, settings, request, stop=stop, on_step=on_step)
 
 def test_txt2img_saves_pngs_that_reproduce(manager, settings):
-    from tabs.text_to_image import png_info, recipe_controls, txt2img
+    from models.text_to_image import png_info, recipe_controls
 
-    gallery, info = txt2img(manager, settings, "a lighthouse 🌊", "fog", "watercolor", TINY, 64, 64, 2, 6.5, -1, 2,
-                            "DPM++ 2M Karras")
+    gallery, info = generate(manager, settings, "a lighthouse 🌊", negative_prompt="fog", style="watercolor",
+                             model=TINY, width=64, height=64, steps=2, guidance=6.5, seed=-1, num_images=2,
+                             scheduler="DPM++ 2M Karras")
     assert len(gallery) == 2 and info["seeds"] == [info["seed"], info["seed"] + 1]
     assert info["steps_done"] == 4 and info["safety_checker"].startswith("none")
     stored = png_info(gallery[1][0])
@@ -238,16 +246,12 @@ def test_txt2img_saves_pngs_that_reproduce(manager, settings):
     first = png_info(gallery[0][0])
     values, notices = recipe_controls(manager, first)
     assert values["num_images"] == 1 and not notices
-    again, _ = txt2img(manager, settings, values["prompt"], values["negative_prompt"], values["style"],
-                       values["model"], values["width"], values["height"], values["steps"], values["guidance"],
-                       values["seed"], values["num_images"], values["scheduler"])
+    again, _ = generate(manager, settings, **values)
     assert (pixels(again[0][0]) == pixels(gallery[0][0])).all(), "the PNG's recipe re-makes the same pixels"
     assert nothing_pinned(manager)
 
 
 def test_stop_interrupts_at_the_next_step_and_unpins(manager, settings):
-    from tabs.text_to_image import txt2img
-
     stop = threading.Event()
     seen = []
 
@@ -256,12 +260,12 @@ def test_stop_interrupts_at_the_next_step_and_unpins(manager, settings):
         if done == 1:
             stop.set()
 
-    gallery, info = txt2img(manager, settings, "x", model=TINY, steps=10, seed=1, stop=stop, on_step=on_step)
+    gallery, info = generate(manager, settings, "x", model=TINY, steps=10, seed=1, stop=stop, on_step=on_step)
     assert info["stopped"] and info["steps_done"] == 1 and seen == [1]
     assert gallery == [] and any("Stopped after 1 of 10 steps; kept 0" in n for n in info["notices"])
     assert nothing_pinned(manager)
     stop.clear()
-    gallery, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=1, stop=stop)
+    gallery, info = generate(manager, settings, "x", model=TINY, steps=2, seed=1, stop=stop)
     assert len(gallery) == 1 and not info["stopped"], "the model keeps serving after a stop"
     assert manager.unload(TINY) and not manager.leaks, "nothing the run held outlives the unload"
 
@@ -278,11 +282,11 @@ def test_stop_registry_is_per_session():
 
 
 def test_model_defaults_and_foreign_recipes(manager):
-    from tabs.text_to_image import model_defaults, recipe_controls
+    from models.text_to_image import model_defaults, recipe_controls
 
     assert model_defaults(manager, "stabilityai/stable-diffusion-xl-base-1.0")["width"] == 1024
     assert model_defaults(manager, "stabilityai/sdxl-turbo")["steps"] == 1
-    with pytest.raises(ValueError, match="not a text-to-image model"):
+    with pytest.raises(ValueError, match="tiny-chat is a chat model; choose one of: .*tiny-sd"):
         model_defaults(manager, "tiny-chat")
     values, notices = recipe_controls(manager, recipe(model="someone/else-model"))
     assert values["model"] is None and "not in this workbench's catalog" in notices[0]
@@ -290,16 +294,14 @@ def test_model_defaults_and_foreign_recipes(manager):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"model": "no/such-model"}, "Unknown model"),
-    ({"model": "tiny-chat"}, "not a text-to-image model"),
+    ({"model": "tiny-chat"}, "is a chat model"),
     ({"precision": "nf4"}, "needs CUDA"),
-    ({"precision": "int3"}, "Unknown precision"),
+    ({"precision": "int3"}, "precision must be one of"),
     ({"width": 4096}, "width must be between"),
 ])
 def test_txt2img_bad_input_leaves_nothing_pinned(manager, settings, kwargs, message):
-    from tabs.text_to_image import txt2img
-
     with pytest.raises(ValueError, match=message):
-        txt2img(manager, settings, "x", **{"model": TINY, **kwargs})
+        generate(manager, settings, "x", **{"model": TINY, **kwargs})
     assert nothing_pinned(manager)
 
 
@@ -326,7 +328,7 @@ def test_txt2img_endpoint(client, app_server):
     ({"steps": 70}, "steps must be between 1 and 50 for tiny-sd"),
     ({"guidance": -2}, "less than minimum value 0"),
     ({"num_images": 9}, "greater than maximum value 4"),
-    ({"prompt": "x" * 5000}, "limit is 4000"),
+    ({"prompt": "x" * 5000}, "limit is 4,000"),
     ({"scheduler": "Warp drive"}, "Warp drive is not in the list of choices"),  # Gradio's dropdown check
     ({"model": "nope"}, "nope is not in the list of choices"),
 ])
@@ -362,20 +364,18 @@ def test_cuda_fp16_nf4_offload_and_release(tmp_path):
 
     from models.catalog import Catalog
     from models.manager import ModelManager
-    from tabs.text_to_image import txt2img
-
     settings = make_settings(tmp_path, device="cuda")
     manager = ModelManager(Catalog.load(), settings)
     baseline = torch.cuda.memory_allocated()
-    _, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=5)
+    _, info = generate(manager, settings, "x", model=TINY, steps=2, seed=5)
     assert info["precision"] == "fp16" and info["device"] == "cuda" and info["attention_backend"] in ("SDPA",
                                                                                                       "xformers")
-    _, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=5, cpu_offload=True)
+    _, info = generate(manager, settings, "x", model=TINY, steps=2, seed=5, cpu_offload=True)
     with manager.use(TINY) as handle:
         assert handle.offloaded and handle.pipe._all_hooks
     manager.unload_all()
     assert torch.cuda.memory_allocated() - baseline < 8 * 1024**2 and not manager.leaks
-    _, info = txt2img(manager, settings, "x", model=TINY, steps=2, seed=5, precision="nf4")
+    _, info = generate(manager, settings, "x", model=TINY, steps=2, seed=5, precision="nf4")
     with manager.use(TINY, "nf4") as handle:
         assert any("4bit" in type(m).__name__ for m in handle.pipe.unet.modules())
     manager.unload_all()

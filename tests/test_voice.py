@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import helpers
 import numpy as np
 import pytest
 import soundfile as sf
@@ -115,7 +116,7 @@ def test_tiny_builds_are_deterministic(tmp_path):
 
 def test_voice_turn_stages_in_order_and_unpinned(manager, settings, audio_files):
     updates = []
-    for update in voice.voice_turn(manager, settings, audio=audio_files["speech"], history=[],
+    for update in helpers.voice_turn(manager, settings, audio=audio_files["speech"], history=[],
                                    asr_model="whisper-tiny.en", chat_model="tiny-chat", tts_model="tiny-tts",
                                    max_new_tokens=12, temperature=0.0):
         updates.append((update.stage, update.transcript, update.reply, update.audio is not None))
@@ -130,13 +131,13 @@ def test_voice_turn_stages_in_order_and_unpinned(manager, settings, audio_files)
     final = update
     assert final.history[-2]["role"] == "user" and final.history[-1] == {"role": "assistant", "content": final.reply}
     assert final.timings.asr_seconds > 0 and final.timings.llm_tokens > 0
-    if final.audio is None:  # tiny-chat's noise for this input may hold no letter the voice can say
-        assert "not spoken" in final.stage and not any(ch.isalnum() for ch in final.reply)
+    # Greedy tiny-chat noise for this input holds letters, so the voice speaks it
+    assert final.stage == "done" and final.audio[0] == 22050 and len(final.audio[1]) > 0
     assert not any(m["pinned"] for m in manager.snapshot())
 
 
 def test_typed_turn_speaks_the_reply(manager, settings):
-    final = voice.last(voice.voice_turn(manager, settings, text="hello", chat_model="tiny-chat", max_new_tokens=12,
+    final = voice.last(helpers.voice_turn(manager, settings, text="hello", chat_model="tiny-chat", max_new_tokens=12,
                                         temperature=0.0, tts_model="tiny-tts", stream_speech=False))
     assert final.stage == "done" and final.reply
     rate, samples = final.audio
@@ -149,7 +150,7 @@ def test_typed_turn_speaks_the_reply(manager, settings):
 
 def test_typed_text_skips_asr_and_history_carries_over(manager, settings):
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    final = voice.last(voice.voice_turn(manager, settings, text="  Tell me more.  ", history=history,
+    final = voice.last(helpers.voice_turn(manager, settings, text="  Tell me more.  ", history=history,
                                         chat_model="tiny-chat", tts_model="tiny-tts", max_new_tokens=8,
                                         temperature=0.0))
     assert final.transcript == "Tell me more." and final.timings.asr_seconds == 0
@@ -158,10 +159,10 @@ def test_typed_text_skips_asr_and_history_carries_over(manager, settings):
 
 
 @pytest.mark.parametrize("name,message", [("silent", "silent"), ("empty", "0 bytes"), ("text", "damaged or not audio"),
-                                          ("corrupt", "damaged"), ("long", "limit is 10 minutes")])
+                                          ("corrupt", "damaged"), ("long", "limit is 10 min 00 s")])
 def test_bad_audio_is_refused_before_any_model_loads(manager, settings, audio_files, name, message):
     with pytest.raises(ValueError, match=message):
-        voice.last(voice.voice_turn(manager, settings, audio=audio_files[name], asr_model="tiny-whisper",
+        voice.last(helpers.voice_turn(manager, settings, audio=audio_files[name], asr_model="tiny-whisper",
                                     chat_model="tiny-chat", tts_model="tiny-tts"))
     assert not any(m["pinned"] for m in manager.snapshot())
 
@@ -180,11 +181,11 @@ def test_bad_arguments(manager, settings):
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
-            voice.last(voice.voice_turn(manager, settings, **{"tts_model": "tiny-tts", **kwargs}))
+            voice.last(helpers.voice_turn(manager, settings, **{"tts_model": "tiny-tts", **kwargs}))
     with pytest.raises(ValueError, match="task must be one of"):
-        voice.transcribe_file(manager, "x.wav", model="tiny-whisper", task="dance")
+        helpers.transcribe(manager, settings, "x.wav", model="tiny-whisper", task="dance")
     with pytest.raises(ValueError, match="no letters"):
-        voice.speak_text(manager, "¡¿…!?", model="tiny-tts")
+        helpers.speak(manager, settings, "¡¿…!?", model="tiny-tts")
     assert not any(m["pinned"] for m in manager.snapshot())
 
 
@@ -200,12 +201,11 @@ def test_voice_endpoint_end_to_end(client, audio_files):
 
     transcript, reply, audio_path, timings = client.predict(
         audio=handle_file(audio_files["speech"]), text="", history=[], asr_model="whisper-tiny.en", language="auto",
-        chat_model="tiny-chat", system_prompt="Be brief.", tts_model="tiny-tts", api_name="/voice")
-    assert "capital of france" in transcript.lower() and isinstance(reply, str)
+        chat_model="tiny-chat", system_prompt="Be brief.", tts_model="tiny-tts", temperature=0.0, api_name="/voice")
+    assert "capital of france" in transcript.lower() and reply.strip()
     assert timings["asr_seconds"] > 0 and timings["llm_tokens"] > 0
-    if reply.strip() and audio_path:
-        data, rate = sf.read(audio_path)
-        assert rate == 22050 and len(data) > 0
+    data, rate = sf.read(audio_path)  # greedy tiny-chat noise for this question holds letters: it is spoken
+    assert rate == 22050 and len(data) > 0
     typed = client.predict(audio=None, text="hello", history=[], chat_model="tiny-chat", tts_model="tiny-tts",
                            max_new_tokens=12, temperature=0.0, api_name="/voice")
     assert typed[0] == "hello" and typed[3]["asr_seconds"] == 0 and typed[3]["tts_seconds"] > 0

@@ -10,10 +10,27 @@ import threading
 import pytest
 from PIL import Image
 
+from models import vqa
 from models.generation import GenerationParams, StreamStats
-from tabs import vqa
 
 GREEDY = {"max_new_tokens": 24, "temperature": 0.0}
+
+
+def ask(manager, settings, image, question, model="tiny-vlm", max_new_tokens=24, temperature=0.0, **values) -> str:
+    """The /vqa path: a request built from values, answered once."""
+    request = vqa.VqaRequest.build(manager.catalog, settings, image=image, question=question, model=model,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, **values)
+    return vqa.answer_once(manager, request)
+
+
+def turn(manager, settings, image, question, history, base_history, model, max_new_tokens, temperature, top_p,
+         system_prompt, adapter, compare, stop=None):
+    """The tab's path: one streamed turn of the conversation."""
+    request = vqa.VqaRequest.build(
+        manager.catalog, settings, image=image, question=question, history=history, base_history=base_history,
+        model=model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        system_prompt=system_prompt, adapter=adapter, compare=compare)
+    return vqa.chat_turn(manager, request, stop=stop)
 
 
 @pytest.fixture
@@ -60,7 +77,7 @@ def test_tiny_vlm_loads_through_auto_classes(manager):
     assert entry["id"] == "tiny-vlm" and entry["precision"] == "fp32" and not entry["pinned"]
 
 
-def test_streaming_yields_several_times_and_matches_the_api_path(manager, settings, picture):
+def test_streaming_yields_several_times_and_matches_the_api_path(manager, picture):
     from models.families import vlm
     from models.images import load_image
 
@@ -79,14 +96,14 @@ def test_streaming_yields_several_times_and_matches_the_api_path(manager, settin
 
 def test_image_changes_the_answer(manager, settings):
     pairs = vqa.example_pairs(settings)
-    answers = {vqa.answer_once(manager, settings, path, "Describe the picture.", "tiny-vlm", **GREEDY)
+    answers = {ask(manager, settings, path, "Describe the picture.", "tiny-vlm", **GREEDY)
                for path, _ in pairs}
     assert len(answers) > 1  # the pixels reach the model
 
 
 def test_stop_mid_answer_leaves_no_thread_and_nothing_pinned(manager, settings, picture):
     stop = threading.Event()
-    turns = vqa.chat_turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 400, 1.0, 1.0, "",
+    turns = turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 400, 1.0, 1.0, "",
                           "none", False, stop=stop)
     seen = [next(turns) for _ in range(3)]
     assert seen[-1][0][-1]["role"] == "assistant"
@@ -100,12 +117,12 @@ def test_stop_mid_answer_leaves_no_thread_and_nothing_pinned(manager, settings, 
 
 
 def test_multi_turn_history_and_system_prompt(manager, settings, picture):
-    first = list(vqa.chat_turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 16, 0.0, 1.0,
+    first = list(turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 16, 0.0, 1.0,
                                "Answer briefly.", "none", False))[-1]
     history, base, notices = first
     assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "What is this?"
     assert base == [] and notices == []
-    second = list(vqa.chat_turn(manager, settings, picture, "And its color?", history, [], "tiny-vlm", 16, 0.0,
+    second = list(turn(manager, settings, picture, "And its color?", history, [], "tiny-vlm", 16, 0.0,
                                 1.0, "Answer briefly.", "none", False))[-1][0]
     assert [m["role"] for m in second] == ["user", "assistant"] * 2
     assert second[:2] == history
@@ -127,29 +144,29 @@ def test_long_history_is_trimmed_with_a_notice(manager, settings, picture):
     for index in range(12):
         history += [{"role": "user", "content": f"Question {index}: " + "what is in this image? " * 6},
                     {"role": "assistant", "content": "A red square on a white background. " * 4}]
-    history, _, notices = list(vqa.chat_turn(manager, settings, picture, "Last one?", history, [], "tiny-vlm", 8,
+    history, _, notices = list(turn(manager, settings, picture, "Last one?", history, [], "tiny-vlm", 8,
                                              0.0, 1.0, "", "none", False))[-1]
-    assert any("left out" in note for note in notices)
+    assert any("Left out" in note and "earlier message" in note for note in notices)
     assert history[-1]["role"] == "assistant" and history[-2]["content"] == "Last one?"
 
 
 def test_question_longer_than_the_context_is_rejected(manager, settings, picture):
     long_question = "Describe the picture in detail please. " * 100
     with pytest.raises(ValueError, match=r"take \d+ tokens; tiny-vlm reads at most 512 tokens"):
-        vqa.answer_once(manager, settings, picture, long_question, "tiny-vlm", **GREEDY)
+        ask(manager, settings, picture, long_question, "tiny-vlm", **GREEDY)
     with pytest.raises(ValueError, match="limit is"):
-        vqa.answer_once(manager, settings, picture, "x" * (vqa.MAX_QUESTION_CHARS + 1), "tiny-vlm", **GREEDY)
+        ask(manager, settings, picture, "x" * (settings.limits.text_chars + 1), "tiny-vlm", **GREEDY)
     assert_nothing_pinned(manager)
 
 
 def test_max_new_tokens_beyond_the_context_is_lowered_with_a_notice(manager, settings, picture):
-    history, _, notices = list(vqa.chat_turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 1000,
+    history, _, notices = list(turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 1000,
                                              0.0, 1.0, "", "none", False))[-1]
     assert any("Max new tokens lowered to" in note for note in notices)
     assert history[-1]["role"] == "assistant"
 
 
-def test_large_image_fits_the_model_limit(manager, settings, tmp_path):
+def test_large_image_fits_the_model_limit():
     from models.families import vlm
 
     image = Image.new("RGB", (3000, 1000), (0, 0, 200))
@@ -164,29 +181,29 @@ def test_compare_shows_base_and_adapter_answers_side_by_side(manager, settings, 
     make_adapter(manager, settings)
     assert vqa.adapters_for(settings, "tiny-vlm") == ["none", "shapes-lora"]
     assert vqa.adapters_for(settings, "HuggingFaceTB/SmolVLM-256M-Instruct") == ["none"]
-    plain = vqa.answer_once(manager, settings, picture, "What is this?", "tiny-vlm", **GREEDY)
-    adapted_once = vqa.answer_once(manager, settings, picture, "What is this?", "tiny-vlm", adapter="shapes-lora",
+    plain = ask(manager, settings, picture, "What is this?", "tiny-vlm", **GREEDY)
+    adapted_once = ask(manager, settings, picture, "What is this?", "tiny-vlm", adapter="shapes-lora",
                                    **GREEDY)
-    history, base, _ = list(vqa.chat_turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 24, 0.0,
+    history, base, _ = list(turn(manager, settings, picture, "What is this?", [], [], "tiny-vlm", 24, 0.0,
                                           1.0, "", "shapes-lora", True))[-1]
     assert base[-1]["content"] == plain
     assert history[-1]["content"] == adapted_once != plain
     # back to the bare base model after an adapter was active
-    assert vqa.answer_once(manager, settings, picture, "What is this?", "tiny-vlm", **GREEDY) == plain
+    assert ask(manager, settings, picture, "What is this?", "tiny-vlm", **GREEDY) == plain
     assert_nothing_pinned(manager)
     assert manager.unload_all() == ["tiny-vlm"] and manager.leaks == []  # adapters freed with the model
 
 
 def test_compare_without_adapter_and_bad_adapters(manager, settings, picture):
     with pytest.raises(ValueError, match="Compare needs an adapter"):
-        list(vqa.chat_turn(manager, settings, picture, "q?", [], [], "tiny-vlm", 8, 0.0, 1.0, "", "none", True))
+        list(turn(manager, settings, picture, "q?", [], [], "tiny-vlm", 8, 0.0, 1.0, "", "none", True))
     with pytest.raises(ValueError, match="Unknown adapter"):
-        vqa.answer_once(manager, settings, picture, "q?", "tiny-vlm", adapter="missing", **GREEDY)
-    with pytest.raises(ValueError, match="not a folder name"):
-        vqa.answer_once(manager, settings, picture, "q?", "tiny-vlm", adapter="../escape", **GREEDY)
+        ask(manager, settings, picture, "q?", "tiny-vlm", adapter="missing", **GREEDY)
+    with pytest.raises(ValueError, match="adapter must be 1 to 64 letters"):
+        ask(manager, settings, picture, "q?", "tiny-vlm", adapter="../escape", **GREEDY)
     make_adapter(manager, settings, name="chat-lora", base_model="tiny-chat")
     with pytest.raises(ValueError, match="trained on tiny-chat"):
-        vqa.answer_once(manager, settings, picture, "q?", "tiny-vlm", adapter="chat-lora", **GREEDY)
+        ask(manager, settings, picture, "q?", "tiny-vlm", adapter="chat-lora", **GREEDY)
 
 
 # ---- the tab's checks ---------------------------------------------------------------------------
@@ -213,19 +230,19 @@ def test_precision_line_without_torch_import(manager, settings):
 ])
 def test_bad_request_values(manager, settings, picture, model, tokens, temperature, top_p, message):
     with pytest.raises(ValueError, match=message):
-        vqa.answer_once(manager, settings, picture, "q?", model, tokens, temperature, top_p=top_p)
+        ask(manager, settings, picture, "q?", model, tokens, temperature, top_p=top_p)
     assert manager.snapshot() == []  # rejected before any model was loaded
 
 
 @pytest.mark.parametrize("question", ["", "   \n\t", None])
 def test_empty_question(manager, settings, picture, question):
     with pytest.raises(ValueError, match="Type a question"):
-        vqa.answer_once(manager, settings, picture, question, "tiny-vlm", **GREEDY)
+        ask(manager, settings, picture, question, "tiny-vlm", **GREEDY)
 
 
 def test_no_image(manager, settings):
     with pytest.raises(ValueError, match="Upload, paste or capture"):
-        vqa.answer_once(manager, settings, None, "q?", "tiny-vlm", **GREEDY)
+        ask(manager, settings, None, "q?", "tiny-vlm", **GREEDY)
 
 
 # ---- through the launched app -------------------------------------------------------------------
@@ -247,14 +264,14 @@ def bad_files(folder) -> dict[str, tuple[str, str]]:
     return paths
 
 
-def test_vqa_endpoint_answers_like_the_function(client, app_server, manager, settings, picture):
+def test_vqa_endpoint_answers_like_the_function(client, manager, settings, picture):
     from gradio_client import handle_file
 
     answer = client.predict(image=handle_file(picture), question="What color is the square?", model="tiny-vlm",
                             max_new_tokens=24, temperature=0.0, api_name="/vqa")
     assert isinstance(answer, str) and answer.strip()
     # same deterministic weights, greedy decoding: the endpoint adds nothing and loses nothing
-    assert answer == vqa.answer_once(manager, settings, picture, "What color is the square?", "tiny-vlm", **GREEDY)
+    assert answer == ask(manager, settings, picture, "What color is the square?", "tiny-vlm", **GREEDY)
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/vqa"]
     names = [p["parameter_name"] for p in api["parameters"]]
     assert names[:6] == ["image", "question", "model", "max_new_tokens", "temperature", "adapter"]
@@ -288,7 +305,7 @@ def test_vqa_endpoint_bad_inputs_get_clear_messages_and_the_app_keeps_serving(cl
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_smolvlm_4bit_answers_about_a_generated_image_and_saves_vram(tmp_path):
+def test_smolvlm_4bit_answers_about_a_generated_image_and_saves_vram():
     """A real SmolVLM in NF4 names the colour of the drawn square; report 4-bit vs fp16 VRAM."""
     import gc
 

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from models import limits
 from models.catalog import ModelSpec
 from models.errors import InvalidRequest
 from models.quantization import Precision, transformers_kwargs
@@ -71,6 +72,7 @@ class Transcript:
     language: str
     audio_seconds: float
     chunks: int
+    notices: list[str] = dataclasses.field(default_factory=list)
 
 
 def load(spec: ModelSpec, location: str, precision: Precision) -> AsrHandle:
@@ -229,7 +231,12 @@ def transcribe(handle: AsrHandle, samples, language: str | None = AUTO, task: st
     starts = list(range(0, len(samples), step))
     texts: list[str] = []
     segments: list[tuple[float, float, str]] = []
+    notices: list[str] = []
+    stop = limits.StopFlag()  # the call's: a closed connection or the time cap ends it between chunks
     for index, begin in enumerate(starts):
+        if stop.is_set():
+            notices.append(limits.timeout_notice() or f"Stopped after {index} of {len(starts)} chunks of 30 s.")
+            break
         if progress is not None:
             progress(index / len(starts), f"transcribing chunk {index + 1} of {len(starts)}")
         chunk = samples[begin:begin + step]
@@ -249,7 +256,7 @@ def transcribe(handle: AsrHandle, samples, language: str | None = AUTO, task: st
     # 4. Join
     return Transcript(text=" ".join(t for t in texts if t), segments=segments,
                       language=code or ("en" if not handle.multilingual else AUTO),
-                      audio_seconds=len(samples) / SAMPLE_RATE, chunks=len(starts))
+                      audio_seconds=len(samples) / SAMPLE_RATE, chunks=len(starts), notices=notices)
 
 
 def _transcribe_chunk(handle: AsrHandle, chunk, code: str | None, task: str, timestamps: str) -> dict:

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.catalog import ModelSpec
-from models.checks import check_number
-from models.errors import InvalidRequest
+from models.checks import check_flag, check_number, check_text
+from models.errors import InvalidRequest, TooLarge
+from models.limits import format_bytes
 from models.quantization import Precision, diffusers_kwargs
 
 log = logging.getLogger(__name__)
@@ -152,27 +153,8 @@ class ImageRequest:
 
 
 def clean_text(name: str, value) -> str:
-    """Text from the UI or the API as a str that can be written as UTF-8 (emoji are fine)."""
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidRequest(f"The {name} is not valid UTF-8 text (byte {exc.start}); re-type or paste it "
-                             "as plain text.") from None
-    if not isinstance(value, str):
-        raise InvalidRequest(f"The {name} must be text, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequest(f"The {name} contains characters that are not valid UTF-8 (position {exc.start}); "
-                         "remove them or re-type the text.") from None
-    if "\x00" in value:
-        raise InvalidRequest(f"The {name} contains a NUL character; remove it.")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(f"The {name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}.")
-    return value
+    """A prompt from the UI or the API: text of at most MAX_PROMPT_CHARS that can be written as UTF-8."""
+    return check_text(f"The {name}", "" if value is None else value, MAX_PROMPT_CHARS, required=False)
 
 
 def activation_bytes(spec: ModelSpec, precision_name: str, width: int, height: int, num_images: int,
@@ -203,6 +185,9 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
     notices: list[str] = []
     prompt = clean_text("prompt", prompt)
     negative_prompt = clean_text("negative prompt", negative_prompt)
+    attention_slicing = check_flag("attention_slicing", attention_slicing)
+    vae_tiling = check_flag("vae_tiling", vae_tiling)
+    cpu_offload, safety_checker = check_flag("cpu_offload", cpu_offload), check_flag("safety_checker", safety_checker)
     if not prompt.strip():
         notices.append("The prompt is empty: the model draws from noise alone (unconditional generation).")
     if not isinstance(style, str) or not style:
@@ -231,17 +216,17 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
         needed = spec.estimate_bytes(precision_name) + activation_bytes(
             spec, precision_name, width, height, num_images, attention_slicing, vae_tiling)
         if needed > budget_bytes:
-            raise InvalidRequest(
-                f"{width}x{height} x {num_images} image(s) needs about {needed / 1024**3:.2f} GB with {spec.id}, "
-                f"more than the {budget_bytes / 1024**3:.2f} GB memory budget. Lower the size or the number of "
+            raise TooLarge(
+                f"{width}x{height} x {num_images} image(s) needs about {format_bytes(needed)} with {spec.id}, "
+                f"more than the {format_bytes(budget_bytes)} memory budget. Lower the size or the number of "
                 "images, enable attention slicing / VAE tiling, or raise --memory-budget.")
     if guidance <= 1.0 and negative_prompt.strip():
         notices.append("Guidance is at most 1, so classifier-free guidance is off and the negative prompt "
                        "has no effect.")
     request = ImageRequest(prompt=prompt, negative_prompt=negative_prompt, style=style, width=width, height=height,
                            steps=steps, guidance=guidance, seed=seed, num_images=num_images, scheduler=scheduler,
-                           attention_slicing=bool(attention_slicing), vae_tiling=bool(vae_tiling),
-                           cpu_offload=bool(cpu_offload), safety_checker=bool(safety_checker))
+                           attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload,
+                           safety_checker=safety_checker)
     return request, notices
 
 

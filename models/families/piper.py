@@ -23,9 +23,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models import limits
 from models.catalog import ModelSpec
 from models.errors import InvalidRequest, Unavailable
-from models.families.tts import MAX_TEXT_CHARS, PAUSE_SECONDS, SPEED_RANGE, check_text, split_sentences
+from models.families.tts import (
+    MAX_TEXT_CHARS,
+    PAUSE_SECONDS,
+    SPEED_RANGE,
+    check_text,
+    each_sentence,
+    split_sentences,
+)
 from models.quantization import Precision
 
 if TYPE_CHECKING:
@@ -312,9 +320,7 @@ def speak_sentences(handle: PiperHandle, text: str, speaker: str | None = "defau
     sentences = split_sentences(text)
     missing: collections.Counter = collections.Counter()
     spoken = 0
-    for index, sentence in enumerate(sentences):
-        if progress is not None:
-            progress(index / len(sentences), f"speaking sentence {index + 1} of {len(sentences)}")
+    for sentence in each_sentence(sentences, progress):
         lines = phonemize(sentence, handle.espeak_voice)
         if not _pronounceable(lines, id_map):
             continue
@@ -328,7 +334,7 @@ def speak_sentences(handle: PiperHandle, text: str, speaker: str | None = "defau
         yield sentence, np.atleast_1d(np.asarray(audio, dtype=np.float32).squeeze())
     if missing:
         log.warning("%s: skipped phonemes its map lacks: %s", handle.spec_id, dict(missing))
-    if not spoken:
+    if not spoken and not limits.StopFlag().is_set():
         raise InvalidRequest(f"{handle.spec_id} cannot pronounce any character of this text "
                          f"(it speaks {handle.espeak_voice}); try another voice.")
 
@@ -362,4 +368,5 @@ def speak(handle: PiperHandle, text: str, speaker: str | None = "default", langu
         parts.extend([audio, pause])
     if progress is not None:
         progress(1.0, "spoken")
-    return np.concatenate(parts[:-1]), handle.sample_rate
+    # Nothing at all when a stop came before the first sentence
+    return (np.concatenate(parts[:-1]) if parts else np.zeros(0, np.float32)), handle.sample_rate

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from models import limits
 from models.catalog import ModelSpec
 from models.errors import InvalidRequest
 from models.quantization import Precision
@@ -129,6 +130,18 @@ def split_sentences(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
     return pieces
 
 
+def each_sentence(sentences: list[str], progress: Progress | None = None):
+    """The sentences one by one, with progress before each; ends early when the call is stopped
+    (a closed connection, or the time cap): what was spoken so far is kept."""
+    stop = limits.StopFlag()
+    for index, sentence in enumerate(sentences):
+        if stop.is_set():
+            return
+        if progress is not None:
+            progress(index / len(sentences), f"speaking sentence {index + 1} of {len(sentences)}")
+        yield sentence
+
+
 def check_text(text) -> str:
     """The stripped text; ValueError for non-text, empty, letterless (punctuation/emoji) or too long."""
     if not isinstance(text, str) or not text.strip():
@@ -187,9 +200,7 @@ def speak(handle: TtsHandle, text: str, speaker: str | None = None, language: st
     try:
         if native_speed:
             model.length_scale = saved_scale / float(speed)
-        for index, sentence in enumerate(sentences):
-            if progress is not None:
-                progress(index / len(sentences), f"speaking sentence {index + 1} of {len(sentences)}")
+        for sentence in each_sentence(sentences, progress):
             wav = handle.tts.tts(sentence, speaker=speaker, language=language, speaker_wav=reference_wav,
                                  split_sentences=False, **extra)
             parts.extend([np.asarray(wav, dtype=np.float32), pause])
@@ -198,7 +209,8 @@ def speak(handle: TtsHandle, text: str, speaker: str | None = None, language: st
             model.length_scale = saved_scale
     if progress is not None:
         progress(1.0, "spoken")
-    return np.concatenate(parts[:-1]), handle.sample_rate
+    # Nothing at all when a stop came before the first sentence
+    return (np.concatenate(parts[:-1]) if parts else np.zeros(0, np.float32)), handle.sample_rate
 
 
 def _voice(handle: TtsHandle, speaker, language, reference_wav) -> tuple[str | None, str | None]:

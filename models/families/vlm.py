@@ -14,12 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from models.catalog import ModelSpec
-from models.errors import Busy, InvalidRequest
+from models.checks import check_messages, check_text
+from models.errors import Busy, InvalidRequest, TooLarge
+from models.families.loading import load_pretrained
 from models.generation import GenerationParams, StreamStats, stream_generate
-from models.quantization import Precision, fit_4bit_for_cpu, transformers_kwargs
+from models.limits import Limits
+from models.quantization import Precision
 
-ROLES = ("user", "assistant")
 BUSY_TIMEOUT = 120.0
+# Re-renders of the prompt after the estimate, at most; then the follow-ups are all left out.
+MAX_RECHECKS = 3
 
 # Pixels fed to the processor per model type. Processors resize anyway; Qwen2-VL keeps the native
 # resolution (one token per 28x28 patch), so a large photo would cost thousands of tokens.
@@ -57,19 +61,8 @@ class VLMHandle:
 def load(spec: ModelSpec, location: str, precision: Precision) -> VLMHandle:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    kwargs = transformers_kwargs(precision)
-    processor = AutoProcessor.from_pretrained(location, trust_remote_code=spec.trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **kwargs)
-    if "quantization_config" not in kwargs:
-        model.to(precision.device)
-    elif precision.device == "cpu":
-        fit_4bit_for_cpu(model)
-    model.eval()
-    if getattr(processor, "chat_template", None) is None:
-        template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
-        if template is None:
-            raise InvalidRequest(f"{spec.id} has no chat template; it is not an instruct/chat vision model")
-        processor.chat_template = template
+    model, processor = load_pretrained(spec, location, precision, AutoModelForImageTextToText, AutoProcessor,
+                                       kind="chat vision model")
     return VLMHandle(model=model, processor=processor, spec_id=spec.id, device=precision.device,
                      model_type=getattr(model.config, "model_type", ""))
 
@@ -117,29 +110,6 @@ def build_tiny(folder: Path) -> None:
 
 # ---- prompts -----------------------------------------------------------------------------------
 
-def check_history(history) -> list[dict]:
-    """Validate earlier turns (messages format, text content) and return a clean copy."""
-    if history is None:
-        return []
-    if not isinstance(history, list):
-        raise InvalidRequest("history must be a list of {role, content} messages")
-    clean = []
-    for index, message in enumerate(history):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise InvalidRequest(f"history message {index} must have a role in {ROLES}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise InvalidRequest(f"history message {index} must have text content")
-        clean.append({"role": message["role"], "content": content})
-    return clean
-
-
-def check_question(question) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise InvalidRequest("Type a question about the image first.")
-    return question.strip()
-
-
 def build_messages(question: str, history: list[dict], system_prompt: str = "") -> list[dict]:
     """Chat-template messages: the image goes with the first user turn, later turns are text."""
     messages = []
@@ -156,36 +126,39 @@ def build_messages(question: str, history: list[dict], system_prompt: str = "") 
 
 
 def encode(handle: VLMHandle, image, question: str, params: GenerationParams, history: list[dict] | None = None,
-           system_prompt: str = "") -> tuple[dict, list[str], GenerationParams]:
+           system_prompt: str = "", limits: Limits | None = None) -> tuple[dict, list[str], GenerationParams]:
     """Processor inputs for one question; drops the oldest follow-up turns when the context is full.
 
     Returns the inputs (on the model's device, pixels in the model's dtype), notices for the user,
     and the sampling settings, with max_new_tokens lowered if the answer would overflow the context.
     """
-    question = check_question(question)
-    history = check_history(history)
+    limits = limits or Limits()
+    question = check_text("question", question, limits.text_chars,
+                          empty_message="Type a question about the image first.")
+    history = check_messages(history, limits)
     image, notices = fit_image(image, handle.max_image_pixels)
-    if system_prompt is not None and not isinstance(system_prompt, str):
-        raise InvalidRequest("system_prompt must be text")
+    system_prompt = check_text("system_prompt", system_prompt, limits.text_chars, required=False)
     context = handle.context_length
     # Room kept for the answer while trimming history; a huge max_new_tokens must not drop everything.
     budget = max(context - params.max_new_tokens, context // 2)
-    # Keep the first exchange (it carries the image); drop follow-ups from the oldest.
+    # Keep the first exchange (it carries the image); drop follow-ups from the oldest, each counted once.
     keep_head = 2 if len(history) >= 2 else len(history)
+    head = history[:keep_head]
     tail = history[keep_head:]
-    while True:
-        messages = build_messages(question, history[:keep_head] + tail, system_prompt or "")
-        prompt = handle.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = handle.processor(images=[image], text=prompt, return_tensors="pt")
+    tail = tail[_first_kept(handle, image, question, head, tail, system_prompt, budget):]
+    for attempt in range(MAX_RECHECKS + 1):
+        inputs = _process(handle, image, build_messages(question, head + tail, system_prompt))
         length = int(inputs["input_ids"].shape[-1])
         if length <= budget or not tail:
             break
-        tail = tail[2:]
-    if len(tail) < len(history) - keep_head:
-        notices.append(f"Earlier turns were left out to fit the {context}-token context.")
+        tail = tail[2:] if attempt < MAX_RECHECKS - 1 else []  # bounded re-checks: the last drops them all
+    left_out = len(history) - keep_head - len(tail)
+    if left_out:
+        notices.append(f"Left out {left_out:,} earlier message{'s' if left_out != 1 else ''} to fit the "
+                       f"{context}-token context.")
     if length >= context:
-        raise InvalidRequest(f"The question and image take {length} tokens; {handle.spec_id} reads at most {context} "
-                         "tokens, answer included. Shorten the question or start a new conversation.")
+        raise TooLarge(f"The question and image take {length} tokens; {handle.spec_id} reads at most {context} "
+                       "tokens, answer included. Shorten the question or start a new conversation.")
     if length + params.max_new_tokens > context:
         params = dataclasses.replace(params, max_new_tokens=context - length)
         notices.append(f"Max new tokens lowered to {params.max_new_tokens} to fit the {context}-token context.")
@@ -199,6 +172,37 @@ def encode(handle: VLMHandle, image, question: str, params: GenerationParams, hi
                 value = value.to(dtype)
         moved[key] = value
     return moved, notices, params
+
+
+def _process(handle: VLMHandle, image, messages: list[dict]) -> dict:
+    prompt = handle.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return handle.processor(images=[image], text=prompt, return_tensors="pt")
+
+
+def _first_kept(handle: VLMHandle, image, question: str, head: list[dict], tail: list[dict], system_prompt: str,
+                budget: int) -> int:
+    """Index in ``tail`` of the oldest follow-up to keep so that the prompt fits ``budget`` (an estimate).
+
+    Each follow-up's tokens are counted once, newest first (one tokenizer call), plus the template's
+    tokens around a message, measured once on a probe exchange; the processor runs twice, whatever
+    the length of the conversation. Kept follow-ups start at a user message.
+    """
+    if not tail:
+        return 0
+    bare = int(_process(handle, image, build_messages(question, head, system_prompt))["input_ids"].shape[-1])
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with_probe = int(_process(handle, image, build_messages(question, head + probe, system_prompt)
+                              )["input_ids"].shape[-1])
+    counts = handle.tokenizer([m["content"] for m in probe + tail], add_special_tokens=False)["input_ids"]
+    per_message = max(0.0, (with_probe - bare - len(counts[0]) - len(counts[1])) / 2)
+    room, used, first = budget - bare, 0.0, len(tail)
+    for index in range(len(tail) - 1, -1, -1):
+        used += len(counts[index + 2]) + per_message
+        if used > room:
+            break
+        if tail[index]["role"] == "user":
+            first = index
+    return first
 
 
 def fit_image(image, max_pixels: int) -> tuple[object, list[str]]:
