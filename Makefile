@@ -27,11 +27,12 @@ prepare: setup
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -r requirements.txt -r requirements-dev.txt
 	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m pip install --no-deps --editable .
 	touch $(STAMP)
 
 # Debian's Chromium (driven by Playwright) for the browser walk; espeak-ng for Piper voices and test

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     # Anything `make run` did not prepare (a fresh cache, a new models file) is prepared now, in the
     # background, so that nobody waits on a conversion at their first click; the Models tab shows it.
     manager.preparation.start()
+    from models import retention
+
+    removed = retention.enforce(settings)  # generated files beyond --retention-gb, oldest first
+    if removed:
+        log.info("retention: removed %d old generated file(s) or folder(s)", len(removed))
     try:
         manager.preload(settings.preload)
     except ValueError as exc:

@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 PEER_ENV = ROOT / ".cache" / "bench-envs" / "faster-whisper"
 PEER_REQUIREMENT = "faster-whisper==1.2.1"
 PARAGRAPH = ("The library opens at nine in the morning and closes at six in the evening. Visitors can borrow up to "
@@ -79,8 +77,14 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
+    import importlib.util
+
     import torch
-    from helpers import word_error_rate
+
+    helpers_spec = importlib.util.spec_from_file_location("test_helpers", ROOT / "tests" / "helpers.py")
+    helpers = importlib.util.module_from_spec(helpers_spec)
+    helpers_spec.loader.exec_module(helpers)
+    word_error_rate = helpers.word_error_rate  # the same WER as the tests
 
     from models import voice
     from models.audio import load_audio, write_wav
@@ -94,7 +98,7 @@ def main() -> None:
     settings = Settings(cache_dir=cache, models_dir=ROOT / ".cache" / "offline-models", offline=True,
                         offline_reason="bench", device="cpu", memory_budget_gb=4.0)
     manager = ModelManager(Catalog.load(), settings)
-    (rate, samples), _ = voice.speak_text(manager, PARAGRAPH, model="piper-joe")
+    (rate, samples), _ = voice.speak_text(manager, voice.SpeakRequest.build(manager.catalog, settings, text=PARAGRAPH))
     audio = write_wav(cache / "paragraph.wav", samples / 32767, rate)
     seconds_of_audio = len(samples) / rate
 

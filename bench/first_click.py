@@ -25,7 +25,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 RUNS = int(os.environ.get("BENCH_RUNS", "2"))
 MESSAGE = "What is the capital of France?"
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 CYCLES = int(os.environ.get("CYCLES", "20"))
 FIT_FROM = 5  # the first cycles warm allocator pools and import caches

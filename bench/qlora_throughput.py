@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 ROWS = [{"prompt": f"Question number {i}: what is {i} plus {i}?", "response": f"The answer is {2 * i}."}
         for i in range(16)]

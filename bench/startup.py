@@ -44,7 +44,6 @@ demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), ssr_mode=Fals
 # What tutorial scripts do: import the whole model stack and load every model before serving.
 EAGER_APP = """
 import contextlib, importlib.util, sys
-sys.path.insert(0, {root!r})
 import torch, transformers, diffusers, peft, bitsandbytes  # noqa: F401
 with contextlib.suppress(ImportError):
     import TTS.api  # noqa: F401

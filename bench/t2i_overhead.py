@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -42,7 +40,7 @@ def make_manager(cache: Path, device: str, budget_gb: float = 32.0):
 def overhead(rounds: int, size: int, steps: int, threads: int) -> None:
     import torch
 
-    from tabs.text_to_image import txt2img
+    from models.text_to_image import Txt2ImgRequest, txt2img
 
     torch.set_num_threads(threads)  # fewer threads than cores keeps timings steady on a busy machine
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +48,9 @@ def overhead(rounds: int, size: int, steps: int, threads: int) -> None:
         prompt, guidance, seed = "a lighthouse at dawn", 5.0, 1234
 
         def workbench():
-            txt2img(manager, settings, prompt, "", "none", TINY, size, size, steps, guidance, seed, 1)
+            txt2img(manager, settings, Txt2ImgRequest.build(
+                manager, settings, prompt=prompt, model=TINY, width=size, height=size, steps=steps, guidance=guidance,
+                seed=seed))
 
         def direct(pipe):
             with torch.inference_mode():

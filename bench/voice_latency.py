@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 QUESTION = "Tell me three short facts about the Moon."
 SYSTEM = "Answer in three short sentences."
@@ -49,10 +47,11 @@ def main() -> None:
     settings = Settings(cache_dir=cache, models_dir=ROOT / ".cache" / "offline-models", offline=True,
                         offline_reason="bench", device="cpu", memory_budget_gb=4.0)
     manager = ModelManager(Catalog.load(), settings)
-    (rate, samples), _ = voice.speak_text(manager, QUESTION, model="piper-joe")
+    (rate, samples), _ = voice.speak_text(manager, voice.SpeakRequest.build(manager.catalog, settings, text=QUESTION))
     question = write_wav(cache / "question.wav", samples / 32767, rate)
-    turn = dict(audio=str(question), asr_model="whisper-tiny.en", chat_model="smollm2-135m", tts_model="piper-joe",
-                system_prompt=SYSTEM, max_new_tokens=args.max_new_tokens, temperature=0.0)
+    turn = voice.VoiceTurnRequest.build(
+        manager.catalog, settings, audio=str(question), asr_model="whisper-tiny.en", chat_model="smollm2-135m",
+        tts_model="piper-joe", system_prompt=SYSTEM, max_new_tokens=args.max_new_tokens, temperature=0.0)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
 
     def direct_turn() -> float:
@@ -66,11 +65,11 @@ def main() -> None:
             piper.speak(voice_handle, reply)
         return time.perf_counter() - started
 
-    voice.last(voice.voice_turn(manager, settings, **turn))  # warm up: every model loaded once
+    voice.last(voice.voice_turn(manager, settings, turn))  # warm up: every model loaded once
     streamed, staged, direct = [], [], []
     for _ in range(args.rounds):
-        streamed.append(voice.last(voice.voice_turn(manager, settings, **turn)))
-        staged.append(voice.last(voice.voice_turn(manager, settings, **turn, stream_speech=False)))
+        streamed.append(voice.last(voice.voice_turn(manager, settings, turn)))
+        staged.append(voice.last(voice.voice_turn(manager, settings, turn, stream_speech=False)))
         direct.append(direct_turn())
 
     def median(values):
