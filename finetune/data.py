@@ -612,12 +612,26 @@ def _render(processor, messages: list[dict], generation_prompt: bool) -> str:
 
 def _ids(processor, text: str, image, is_vlm: bool) -> tuple[list[int], object]:
     if is_vlm:
+        from models.families.vlm import fit_image, image_pixel_limit
         from models.images import load_image
 
-        images = [load_image(image)[0]] if image is not None else None
+        # The image at the size the VQA path gives the model (Qwen2-VL would otherwise spend thousands of tokens)
+        images = [fit_image(load_image(image)[0], image_pixel_limit("", processor.image_processor))[0]
+                  ] if image is not None else None
         batch = processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
-        return batch["input_ids"][0].tolist(), batch.get("pixel_values")
+        # Every image input the model needs besides the ids: pixel_values, and image_grid_thw (Qwen2-VL),
+        # pixel_attention_mask (Idefics3), aspect ratios and cross_attention_mask (Mllama)...
+        return batch["input_ids"][0].tolist(), {key: value for key, value in batch.items()
+                                                if key not in ("input_ids", "attention_mask")} or None
     return processor(text, add_special_tokens=False)["input_ids"], None
+
+
+def _as_parts(messages: list[dict]) -> list[dict]:
+    """Questions and answers as lists of parts: the llava-1.5 and SmolVLM templates render a string content as
+    nothing. System messages stay strings (Llama 3.2 Vision's template reads them only as strings)."""
+    return [{**message, "content": [{"type": "text", "text": message["content"]}]}
+            if isinstance(message["content"], str) and message["role"] != "system" else message
+            for message in messages]
 
 
 def _text_only(messages: list[dict]) -> list[dict]:
@@ -731,8 +745,8 @@ def _answer_spans(processor, messages: list[dict], image, is_vlm: bool):
 def _encode(example: Example, processor, max_length: int, is_vlm: bool) -> dict:
     if example.image is not None and not is_vlm:
         raise InvalidRequest("image rows need a VQA model; choose one of the vqa models")
-    messages = example.messages if is_vlm else _text_only(example.messages)
-    full_ids, pixel_values, spans = _answer_spans(processor, messages, example.image, is_vlm)
+    messages = _as_parts(example.messages) if is_vlm else _text_only(example.messages)
+    full_ids, image_inputs, spans = _answer_spans(processor, messages, example.image, is_vlm)
     labels = [-100] * len(full_ids)
     for start, end in spans:
         labels[start:end] = full_ids[start:end]
@@ -740,7 +754,7 @@ def _encode(example: Example, processor, max_length: int, is_vlm: bool) -> dict:
     return {
         "input_ids": full_ids[:max_length],
         "labels": labels[:max_length],
-        "pixel_values": pixel_values,
+        "image_inputs": image_inputs,
         "prompt_tokens": spans[0][0] if spans else 0,
         "tokens": total,
         "truncated": total > max_length,
@@ -750,8 +764,9 @@ def _encode(example: Example, processor, max_length: int, is_vlm: bool) -> dict:
 def encode_example(example: Example, processor, max_length: int, is_vlm: bool) -> dict:
     """Token ids and labels where only assistant answers count (everything else is -100).
 
-    Returns ``input_ids``, ``labels``, ``pixel_values`` (VLM with image, else None), ``prompt_tokens``
-    (tokens before the first answer), ``tokens`` (before truncation) and ``truncated``.
+    Returns ``input_ids``, ``labels``, ``image_inputs`` (VLM with image: the processor's outputs besides
+    the ids, such as ``pixel_values``; else None), ``prompt_tokens`` (tokens before the first answer),
+    ``tokens`` (before truncation) and ``truncated``.
     """
     try:
         return _encode(example, processor, max_length, is_vlm)

@@ -119,24 +119,28 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def is_built(target: Path) -> bool:
-    return (target / DONE_MARKER).exists()
+def is_built(target: Path, key: str = "") -> bool:
+    """Whether ``target`` was built completely (and, given a ``key``, by the same builder)."""
+    marker = target / DONE_MARKER
+    if not marker.exists():
+        return False
+    return not key or marker.read_text().strip() == key
 
 
-def build_once(target: Path, builder: Callable[[Path], None]) -> Path:
+def build_once(target: Path, builder: Callable[[Path], None], key: str = "") -> Path:
     """Run ``builder(tmp_folder)`` once for ``target``, atomically and under a file lock.
 
     A second caller (thread or process) waits on the lock and then finds the finished folder.
     """
-    if is_built(target):
+    if is_built(target, key):
         return target
     with _file_lock(target.parent / f".{target.name}.lock"):
-        if is_built(target):
+        if is_built(target, key):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             builder(tmp)
-            (tmp / DONE_MARKER).write_text("ok\n")
+            (tmp / DONE_MARKER).write_text(f"{key or 'ok'}\n")
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -237,12 +241,27 @@ def ensure_package_model(spec: ModelSpec, settings: Settings) -> Path:
 
 # ---- the other sources ---------------------------------------------------------------------------
 
+def tiny_build_key(spec: ModelSpec) -> str:
+    """What a tiny model's build depends on: its family's code, the shared builders and its architecture.
+
+    A cached tiny model built by older code is rebuilt (they take a second or two), so a changed
+    builder never leaves a stale twin behind.
+    """
+    digest = hashlib.sha256(spec.repo.encode())
+    for module in (f"models.families.{spec.family}", "models.offline"):
+        found = importlib.util.find_spec(module)
+        if found is not None and found.origin:
+            digest.update(Path(found.origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def ensure_built(spec: ModelSpec, settings: Settings, builder: Callable[[Path], None]) -> Path:
-    """Build the project's tiny random-weight model for ``spec`` into the cache (once)."""
+    """Build the project's tiny random-weight model for ``spec`` into the cache (once per builder version)."""
     target = settings.offline_models_dir / spec.id
-    if not is_built(target):
+    key = tiny_build_key(spec)
+    if not is_built(target, key):
         log.info("building %s (random weights, for smoke tests) into %s", spec.id, target)
-    return build_once(target, builder)
+    return build_once(target, builder, key)
 
 
 def checked_local(spec: ModelSpec) -> str:
@@ -301,6 +320,8 @@ def resolve(spec: ModelSpec, settings: Settings, builder: Callable[[Path], None]
         return str(ensure_package_model(spec, settings))
     if spec.source == "local":
         return checked_local(spec)
+    if spec.source == "openai":
+        return spec.base_url
     if spec.source == "hub" and settings.offline:
         return cached_hub_folder(spec, settings)
     if spec.source == "coqui" and settings.offline:
@@ -310,7 +331,9 @@ def resolve(spec: ModelSpec, settings: Settings, builder: Callable[[Path], None]
 
 def is_prepared(spec: ModelSpec, settings: Settings) -> bool:
     """Whether loading ``spec`` needs no one-time build or conversion first."""
-    if spec.source in ("offline", "package"):
+    if spec.source == "offline":
+        return is_built(settings.offline_models_dir / spec.id, tiny_build_key(spec))
+    if spec.source == "package":
         return is_built(settings.offline_models_dir / spec.id)
     return True
 

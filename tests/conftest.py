@@ -100,3 +100,43 @@ def client(app_server):
     from gradio_client import Client
 
     return Client(app_server[0], verbose=False)
+
+
+@pytest.fixture(scope="session")
+def twin_catalog():
+    """The catalog with every hub and Coqui entry pointed at its architecture twin's folder.
+
+    Each entry keeps its id, family, variant and the rest, so loading it runs the same family code
+    as the hub id would, offline. The twins are built into MODELS_DIR once (``make test`` prepares them).
+    """
+    import dataclasses
+    import tempfile
+
+    from models.catalog import Catalog
+    from models.families import resolve_location
+
+    catalog = Catalog.load()
+    settings = make_settings(Path(tempfile.mkdtemp(prefix="twins-")))
+    specs = []
+    for spec in catalog:
+        if spec.twin:
+            folder = resolve_location(catalog.get(spec.twin), settings)
+            spec = dataclasses.replace(spec, source="local", repo=folder)
+        specs.append(spec)
+    return Catalog(specs)
+
+
+@pytest.fixture
+def twin_manager(twin_catalog, settings):
+    """A real ModelManager over ``twin_catalog``; unloads everything at the end.
+
+    The entries keep the real models' sizes for their estimates (SDXL: 15 GB in fp32), so the
+    budget is wide; once loaded, the twins are measured at their own few MB.
+    """
+    import dataclasses
+
+    from models.manager import ModelManager
+
+    mgr = ModelManager(twin_catalog, dataclasses.replace(settings, memory_budget_gb=64.0))
+    yield mgr
+    mgr.unload_all()

@@ -72,3 +72,17 @@ def test_preload_flag_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("WORKBENCH_PRELOAD", "defaults, tiny-chat")
     assert settings_from_args([]).preload == ("defaults", "tiny-chat")
     assert settings_from_args(["--preload", "none"]).preload == ("none",)
+
+
+def test_a_changed_builder_rebuilds_its_cached_tiny_model(tmp_path, monkeypatch):
+    settings = make_settings(tmp_path / "cache", models_dir=tmp_path / "models")
+    spec = Catalog.load().get("tiny-chat")
+    assert not sources.is_prepared(spec, settings)
+    manager = ModelManager(small_catalog("tiny-chat"), settings)
+    manager.preparation.start().join(60)
+    assert sources.is_prepared(spec, settings)
+    monkeypatch.setattr(sources, "tiny_build_key", lambda spec: "a-newer-builder")
+    assert not sources.is_prepared(spec, settings), "a model built by older code is not ready"
+    built = []
+    sources.ensure_built(spec, settings, lambda folder: built.append(folder))
+    assert len(built) == 1 and sources.is_prepared(spec, settings)

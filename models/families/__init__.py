@@ -5,8 +5,9 @@ Each family is a module ``models/families/<family>.py`` that defines:
 * ``load(spec, location, precision) -> handle``: load from a hub id, a local folder or a Coqui
   name. The handle is a plain object (a dataclass) whose attributes hold the torch modules, so
   the manager can measure and weak-reference them.
-* ``build_tiny(folder)``: write a deterministic random-weight model into ``folder`` with
-  ``save_pretrained`` (only families that have an offline ``tiny-*`` entry).
+* ``build_tiny(folder, arch="")``: write a deterministic random-weight model into ``folder`` with
+  ``save_pretrained`` (only families that have an offline ``tiny-*`` entry); ``arch`` names the
+  architecture of a twin (the offline entry's ``repo``).
 * ``release(handle)`` (optional): drop hooks or caches before an unload.
 * the task functions the tabs call (``answer``, ``generate``, ``transcribe``, ``reply``, ``speak``).
 
@@ -15,6 +16,7 @@ Heavy imports happen inside those functions, never at module import.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -32,8 +34,15 @@ def family_module(name: str) -> ModuleType:
 
 
 def resolve_location(spec: ModelSpec, settings: Settings) -> str:
-    """Where the family should load ``spec`` from (see ``models.sources.resolve``)."""
-    builder = getattr(family_module(spec.family), "build_tiny", None) if spec.source == "offline" else None
+    """Where the family should load ``spec`` from (see ``models.sources.resolve``).
+
+    An offline entry's ``repo`` names the architecture its family's ``build_tiny`` builds ("" for
+    the family's default tiny model).
+    """
+    builder = None
+    if spec.source == "offline":
+        build_tiny = family_module(spec.family).build_tiny
+        builder = functools.partial(build_tiny, arch=spec.repo) if spec.repo else build_tiny
     return sources.resolve(spec, settings, builder)
 
 

@@ -14,18 +14,21 @@ from pathlib import Path
 from models import limits
 from models.catalog import ModelSpec
 from models.errors import InvalidRequest
+from models.families.loading import folder_config
 from models.quantization import Precision, transformers_kwargs
+from models.sources import ModelUnavailableError
 
 SAMPLE_RATE = 16_000
 CHUNK_SECONDS = 30
 TASKS = ("transcribe", "translate")
 TIMESTAMPS = ("none", "segment", "word")
 AUTO = "auto"
-# Names shown in the UI -> Whisper language codes (a subset of Whisper's 99; any code also works).
+# Names shown in the UI -> Whisper language codes (a subset of Whisper's 100; any code also works).
+# Cantonese is large-v3's 100th language (<|yue|>); older Whisper models refuse it by name.
 LANGUAGES = {
     "english": "en", "chinese": "zh", "german": "de", "spanish": "es", "russian": "ru", "korean": "ko",
     "french": "fr", "japanese": "ja", "portuguese": "pt", "italian": "it", "dutch": "nl", "arabic": "ar",
-    "hindi": "hi", "turkish": "tr", "polish": "pl", "ukrainian": "uk", "vietnamese": "vi",
+    "hindi": "hi", "turkish": "tr", "polish": "pl", "ukrainian": "uk", "vietnamese": "vi", "cantonese": "yue",
 }
 TINY_LANGUAGES = ("en", "zh", "de", "es", "fr", "ja")
 # Guards against decoding loops (values from Whisper's own transcribe()): a bound on tokens per
@@ -75,9 +78,33 @@ class Transcript:
     notices: list[str] = dataclasses.field(default_factory=list)
 
 
+def check_folder(spec: ModelSpec, location: str) -> None:
+    """Refuse a local folder that holds no Whisper model with its tokenizer and feature extractor, saying what
+    it holds; before anything is read with transformers. Hub ids are left to transformers."""
+    config = folder_config(spec, location, "a Whisper model")
+    if config is None:
+        return
+    folder = Path(location)
+    kind = config.get("model_type")
+    if kind != "whisper":
+        architecture = ", ".join(config.get("architectures") or [])
+        raise ModelUnavailableError(f"{spec.id}: {folder} holds a {kind!r} model"
+                                    f"{f' ({architecture})' if architecture else ''}; the speech-to-text family "
+                                    "runs Whisper models (model_type 'whisper').")
+    missing = []
+    if not (folder / "preprocessor_config.json").is_file():
+        missing.append("preprocessor_config.json (the feature extractor)")
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        missing.append("tokenizer.json or vocab.json + merges.txt")
+    if missing:
+        raise ModelUnavailableError(f"{spec.id}: {folder} lacks {' and '.join(missing)}; copy them from the "
+                                    "model's repository next to config.json.")
+
+
 def load(spec: ModelSpec, location: str, precision: Precision) -> AsrHandle:
     from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer, pipeline
 
+    check_folder(spec, location)
     kwargs = transformers_kwargs(precision)
     model = AutoModelForSpeechSeq2Seq.from_pretrained(location, **kwargs)
     model.to(precision.device)
@@ -94,8 +121,33 @@ def release(handle: AsrHandle) -> None:
     handle.pipeline = None
 
 
-def build_tiny(folder: Path) -> None:
-    """A 1-layer Whisper (d_model 32, 80 mel bins) with a BPE tokenizer and Whisper's special tokens."""
+@dataclasses.dataclass(frozen=True)
+class TinyWhisper:
+    """What differs between the Whisper generations the tiny builds stand in for."""
+
+    mel_bins: int = 80
+    languages: tuple[str, ...] = TINY_LANGUAGES
+    no_speech_token: str = "<|nocaptions|>"
+    decoder_layers: int = 1
+    alignment_heads: tuple[tuple[int, int], ...] = ((0, 0),)
+
+
+# tiny-whisper: whisper-tiny/small (80 mel bins). whisper-v3: large-v3 and its turbo (128 mel bins,
+# <|yue|> after the 99 older languages so every later special token's id is one higher,
+# <|nospeech|> for <|nocaptions|>, and turbo's 4 decoder layers, whose heads align words).
+TINY_WHISPERS = {
+    "": TinyWhisper(),
+    "whisper-v3": TinyWhisper(mel_bins=128, languages=TINY_LANGUAGES + ("yue",), no_speech_token="<|nospeech|>",
+                              decoder_layers=4, alignment_heads=((2, 0), (3, 1))),
+}
+
+
+def build_tiny(folder: Path, arch: str = "") -> None:
+    """A tiny Whisper (d_model 32) with a BPE tokenizer and Whisper's special tokens.
+
+    ``arch`` "" builds tiny-whisper (80 mel bins, 1 decoder layer); "whisper-v3" the twin of
+    large-v3-turbo (see ``TINY_WHISPERS``).
+    """
     from transformers import (
         GenerationConfig,
         WhisperConfig,
@@ -106,11 +158,15 @@ def build_tiny(folder: Path) -> None:
 
     from models.offline import seeded, train_tokenizer
 
+    if arch not in TINY_WHISPERS:
+        raise ModelUnavailableError(f"the asr family builds no tiny {arch!r} model; it builds: "
+                                    f"{', '.join(name for name in TINY_WHISPERS if name)}")
+    kind = TINY_WHISPERS[arch]
     bpe = json.loads(train_tokenizer().backend_tokenizer.to_str())["model"]
     tokenizer = WhisperTokenizerFast(vocab=bpe["vocab"], merges=[tuple(pair) for pair in bpe["merges"]])
-    language_tokens = [f"<|{code}|>" for code in TINY_LANGUAGES]
+    language_tokens = [f"<|{code}|>" for code in kind.languages]
     specials = (["<|endoftext|>", "<|startoftranscript|>"] + language_tokens
-                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", kind.no_speech_token,
                    "<|notimestamps|>"])
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     # Timestamp tokens follow the last special token, as in Whisper's vocabulary (0.02 s steps).
@@ -119,8 +175,8 @@ def build_tiny(folder: Path) -> None:
     end, start = ids("<|endoftext|>"), ids("<|startoftranscript|>")
 
     seeded()
-    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=80, d_model=32, encoder_layers=1,
-                           decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=kind.mel_bins, d_model=32, encoder_layers=1,
+                           decoder_layers=kind.decoder_layers, encoder_attention_heads=2, decoder_attention_heads=2,
                            encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=1500,
                            max_target_positions=448, pad_token_id=end, bos_token_id=end, eos_token_id=end,
                            decoder_start_token_id=start)
@@ -131,9 +187,10 @@ def build_tiny(folder: Path) -> None:
         lang_to_id={token: ids(token) for token in language_tokens},
         task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
         no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
-        is_multilingual=True, alignment_heads=[[0, 0]], begin_suppress_tokens=[end], suppress_tokens=[])
+        is_multilingual=True, alignment_heads=[list(pair) for pair in kind.alignment_heads],
+        begin_suppress_tokens=[end], suppress_tokens=[])
     tokenizer.save_pretrained(folder)
-    WhisperFeatureExtractor(feature_size=80, sampling_rate=SAMPLE_RATE).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=kind.mel_bins, sampling_rate=SAMPLE_RATE).save_pretrained(folder)
     model.save_pretrained(folder, safe_serialization=True)
 
 

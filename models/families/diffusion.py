@@ -1,7 +1,9 @@
 """Diffusion family: Stable Diffusion 1.5, SD-Turbo, SDXL and SDXL-Turbo through AutoPipelineForText2Image.
 
 Defaults follow the catalog ``variant`` (sd15 | turbo | sdxl | sdxl-turbo | tiny). Requests are
-validated before anything is loaded (``check_request``), so bad input never pins a model.
+validated before anything is loaded (``check_request``), so bad input never pins a model; a folder
+that is not a complete text-to-image pipeline is refused before its weights load. ``build_tiny``
+builds tiny-sd and the random-weight twins of the four hub architectures (``TWIN_ARCHS``).
 """
 
 from __future__ import annotations
@@ -36,17 +38,20 @@ class VariantDefaults:
     max_side: int
     sizes: tuple[str, ...]
     activation_bytes_per_pixel: int  # rough fp16 peak per output pixel, for the budget check
+    vae_tile: int = 512  # the VAE's sample_size: VAE tiling only tiles images larger than this
 
 
 VARIANTS = {
-    "tiny": VariantDefaults(64, 64, 4, 5.0, 50, 512, ("64x64", "128x128", "128x64", "64x128"), 64),
+    "tiny": VariantDefaults(64, 64, 4, 5.0, 50, 512, ("64x64", "128x128", "128x64", "64x128"), 64,
+                            vae_tile=64),
     "sd15": VariantDefaults(512, 512, 25, 7.5, 100, 1024, ("512x512", "512x768", "768x512", "640x640", "768x768"),
                             3000),
-    "turbo": VariantDefaults(512, 512, 1, 0.0, 10, 1024, ("512x512", "512x768", "768x512"), 3000),
+    "turbo": VariantDefaults(512, 512, 1, 0.0, 10, 1024, ("512x512", "512x768", "768x512"), 3000, vae_tile=768),
     "sdxl": VariantDefaults(1024, 1024, 30, 7.0, 100, 2048,
                             ("1024x1024", "1152x896", "896x1152", "1216x832", "832x1216", "1344x768", "768x1344"),
-                            4000),
-    "sdxl-turbo": VariantDefaults(512, 512, 1, 0.0, 10, 1024, ("512x512", "768x768", "1024x1024"), 4000),
+                            4000, vae_tile=1024),
+    "sdxl-turbo": VariantDefaults(512, 512, 1, 0.0, 10, 1024, ("512x512", "768x768", "1024x1024"), 4000,
+                                  vae_tile=1024),
 }
 MIN_SIDE = 64
 MAX_IMAGES = 4
@@ -159,11 +164,17 @@ def clean_text(name: str, value) -> str:
 
 def activation_bytes(spec: ModelSpec, precision_name: str, width: int, height: int, num_images: int,
                      attention_slicing: bool, vae_tiling: bool) -> int:
-    """Rough peak working memory of one run beyond the weights (latents, attention, VAE decode)."""
-    per_pixel = defaults_for(spec).activation_bytes_per_pixel * (2 if precision_name == "fp32" else 1)
-    if attention_slicing or vae_tiling:
+    """Rough peak working memory of one request beyond the weights (latents, attention, VAE decode).
+
+    ``generate`` makes the images one pipeline call at a time, so the peak is one image's work plus
+    the finished images it keeps (3 bytes a pixel). VAE tiling only helps for images larger than the
+    VAE's tile (1024 px for SDXL), attention slicing always does.
+    """
+    defaults = defaults_for(spec)
+    per_pixel = defaults.activation_bytes_per_pixel * (2 if precision_name == "fp32" else 1)
+    if attention_slicing or (vae_tiling and max(width, height) > defaults.vae_tile):
         per_pixel //= 2
-    return int(width * height * num_images * per_pixel)
+    return int(width * height * (per_pixel + 3 * num_images))
 
 
 def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none", width=None, height=None,
@@ -284,16 +295,114 @@ def select_attention(pipe, device: str) -> str:
     return "SDPA"
 
 
+TURBO_VARIANTS = ("turbo", "sdxl-turbo")  # distilled for 1-4 steps, which only work with trailing timesteps
+# a fast tokenizer, a BPE (CLIP), a SentencePiece model (T5) or a WordPiece vocabulary
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",), ("tokenizer.model",),
+                   ("vocab.txt",))
+
+
+def text_to_image_classes() -> set[str]:
+    """Pipeline class names that turn a prompt into an image (what AutoPipelineForText2Image loads)."""
+    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+
+    return {cls.__name__ for cls in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values()}
+
+
+def check_text_to_image(spec: ModelSpec, class_name: str) -> None:
+    """WrongTask unless ``class_name`` (model_index.json's ``_class_name``) is a text-to-image pipeline."""
+    from models.errors import WrongTask
+
+    if class_name not in text_to_image_classes():
+        kind = ("an image-to-image" if "Img2Img" in class_name else "an inpainting" if "Inpaint" in class_name
+                else "not a text-to-image")
+        raise WrongTask(f"{spec.id} is {kind} pipeline ({class_name}), which text-to-image cannot run. Point the "
+                        "entry at the model's text-to-image pipeline (such as StableDiffusionPipeline or "
+                        "StableDiffusionXLPipeline), or remove it.")
+
+
+def check_pipeline_folder(spec: ModelSpec, location: str) -> None:
+    """Refuse, with a message that says what to do, a folder that is not a complete text-to-image pipeline.
+
+    AutoPipelineForText2Image would otherwise turn an image-to-image or inpainting repo into a
+    text-to-image pipeline (an inpainting UNet then fails at the first step), and diffusers loads a
+    folder that lacks a component (or a tokenizer without its vocabulary) with a warning, after which
+    the first generation dies on an obscure error. Of a hub id (online) only the pipeline class is
+    checked, from its model_index.json, before anything else is downloaded.
+    """
+    import json
+
+    from models.errors import WrongTask
+    from models.sources import ModelUnavailableError
+
+    folder = Path(location)
+    if not folder.is_dir():  # a hub id, online: its model_index.json alone says what it is
+        from diffusers import DiffusionPipeline
+
+        try:
+            check_text_to_image(spec, DiffusionPipeline.load_config(location)["_class_name"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, WrongTask):
+                raise
+            log.info("%s: model_index.json not read ahead (%s); from_pretrained will say why", spec.id, exc)
+        return
+    index_path = folder / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        class_name = index["_class_name"]
+    except FileNotFoundError:
+        raise ModelUnavailableError(f"{spec.id}: {folder} has no model_index.json, so it is not a diffusers "
+                                    "pipeline folder (save one with save_pretrained, or download the whole hub "
+                                    "repo)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelUnavailableError(f"{spec.id}: {index_path} cannot be read as a pipeline index "
+                                    f"({exc.__class__.__name__}: {exc})") from None
+    check_text_to_image(spec, class_name)
+    components = {name: value[1] for name, value in index.items() if not name.startswith("_")
+                  and isinstance(value, list) and len(value) == 2 and value[0] is not None}
+    missing = [f"{name}/ ({cls})" for name, cls in components.items() if not (folder / name).is_dir()]
+    missing += [f"the vocabulary of {name}/ (such as tokenizer.json, or vocab.json and merges.txt)"
+                for name, cls in components.items() if (folder / name).is_dir() and "Tokenizer" in cls
+                and not any(all((folder / name / file).is_file() for file in files) for files in TOKENIZER_FILES)]
+    if missing:
+        raise ModelUnavailableError(f"{spec.id}: the folder {folder} lacks {', '.join(missing)}, which its "
+                                    "model_index.json lists. Copy or download the complete model folder.")
+
+
+def check_tokenizers(spec: ModelSpec, pipe) -> None:
+    """Each tokenizer must fit its text encoder's window (a tokenizer_config.json without
+    model_max_length makes diffusers ask for 10^30 positions at the first prompt)."""
+    from models.sources import ModelUnavailableError
+
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        encoder = getattr(pipe, name.replace("tokenizer", "text_encoder"), None)
+        if tokenizer is None or encoder is None:
+            continue
+        window = getattr(encoder.config, "max_position_embeddings", None)
+        if window and not 2 < tokenizer.model_max_length <= window:
+            raise ModelUnavailableError(
+                f"{spec.id}: {name} reads {tokenizer.model_max_length} tokens but its text encoder has "
+                f"{window} positions; set \"model_max_length\": {window} in {name}/tokenizer_config.json")
+
+
 def load(spec: ModelSpec, location: str, precision: Precision) -> DiffusionHandle:
     from diffusers import AutoPipelineForText2Image
 
     if precision.name == "nf4" and precision.device != "cuda":
         raise InvalidRequest("4-bit (nf4) diffusion needs CUDA; choose fp32 on this machine")
+    variant = variant_of(spec)
+    check_pipeline_folder(spec, location)
     kwargs = diffusers_kwargs(precision)
     pipe = AutoPipelineForText2Image.from_pretrained(location, **kwargs)
+    check_tokenizers(spec, pipe)
     pipe.to(precision.device)
     pipe.set_progress_bar_config(disable=True)
-    return DiffusionHandle(pipe=pipe, spec_id=spec.id, variant=variant_of(spec), device=precision.device,
+    if variant in TURBO_VARIANTS and pipe.scheduler.config.get("timestep_spacing") != "trailing":
+        # sdxl-turbo's first published scheduler_config.json said "linspace": one step then denoises
+        # at timestep 0 and returns noise. Turbo models are distilled on trailing timesteps.
+        log.info("%s: %s timesteps -> trailing (a Turbo model)", spec.id, pipe.scheduler.config.get("timestep_spacing"))
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    return DiffusionHandle(pipe=pipe, spec_id=spec.id, variant=variant, device=precision.device,
                            precision=precision.name, attention_backend=select_attention(pipe, precision.device),
                            safety_checker=getattr(pipe, "safety_checker", None),
                            default_scheduler=pipe.scheduler)
@@ -314,8 +423,26 @@ def release(handle: DiffusionHandle) -> None:
     handle.default_scheduler = None
 
 
-def build_tiny(folder: Path) -> None:
-    """A deterministic random-weight Stable Diffusion pipeline: 64x64 images in a fraction of a second."""
+def build_tiny(folder: Path, arch: str = "") -> None:
+    """A deterministic random-weight pipeline: ``tiny-sd`` (arch "") or the twin of a hub architecture.
+
+    ``arch`` is one of TWIN_ARCHS. A twin has the hub repo's pipeline class, component classes,
+    model_index.json entries and scheduler_config.json, with layers shrunk the way diffusers' own
+    tests shrink them, so that loading it runs the hub model's code path: 64x64 in about a second.
+    """
+    if not arch:
+        build_tiny_sd(folder)
+        return
+    if arch not in TWIN_ARCHS:
+        raise ValueError(f"unknown diffusion twin architecture {arch!r}; use one of {', '.join(TWIN_ARCHS)}")
+    if arch.startswith("sdxl"):
+        build_sdxl_twin(folder, arch)
+    else:
+        build_sd_twin(folder, arch)
+
+
+def build_tiny_sd(folder: Path) -> None:
+    """tiny-sd: a Stable Diffusion pipeline without safety checker, 64x64 images in a fraction of a second."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -344,8 +471,12 @@ def build_tiny(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def tiny_clip_tokenizer():
-    """A CLIP BPE tokenizer over single bytes (no merges): every character is one token, 77 at most."""
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A CLIP BPE tokenizer over single bytes (no merges): every character is one token, 77 at most.
+
+    ``pad_token`` as the hub repos have it: "<|endoftext|>" for OpenAI CLIP (SD 1.x, SDXL's first
+    encoder), "!" for OpenCLIP (SD 2.x, SDXL's second encoder).
+    """
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -353,7 +484,175 @@ def tiny_clip_tokenizer():
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for symbol in symbols + [f"{s}</w>" for s in symbols]:
         vocab.setdefault(symbol, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
+
+
+# ---- architecture twins of the hub models ------------------------------------------------------
+
+TWIN_ARCHS = ("sd15", "sd-turbo", "sdxl", "sdxl-turbo")
+_SCHEDULER_COMMON = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                     "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
+                     "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+# scheduler/scheduler_config.json as each hub repo ships it (keys the class does not take are kept
+# on purpose: DDIM, for one, reads set_alpha_to_one and clip_sample from them when it is swapped in).
+TWIN_SCHEDULERS = {
+    "sd15": {"_class_name": "PNDMScheduler", **_SCHEDULER_COMMON, "clip_sample_range": 1.0,
+             "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "thresholding": False},
+    "sd-turbo": {"_class_name": "EulerDiscreteScheduler", **_SCHEDULER_COMMON, "interpolation_type": "linear",
+                 "sample_max_value": 1.0, "timestep_spacing": "trailing", "use_karras_sigmas": False},
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", **_SCHEDULER_COMMON, "interpolation_type": "linear",
+             "sample_max_value": 1.0, "timestep_spacing": "leading", "use_karras_sigmas": False},
+    "sdxl-turbo": {"_class_name": "EulerAncestralDiscreteScheduler", **_SCHEDULER_COMMON,
+                   "interpolation_type": "linear", "sample_max_value": 1.0, "timestep_spacing": "trailing"},
+}
+TWIN_WIDTH = 16  # text encoder width; the UNet's cross-attention width follows from it
+
+
+def _tiny_text_encoder(tokenizer, hidden_act: str, with_projection: bool = False):
+    """A 2-layer CLIP text encoder (SDXL reads the penultimate layer, so one layer would leave it unused)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TWIN_WIDTH, intermediate_size=2 * TWIN_WIDTH, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act=hidden_act,
+        projection_dim=TWIN_WIDTH, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_vae(scaling_factor: float, force_upcast: bool):
+    """Four blocks like the real VAE, so latents are 1/8 of the image; sample_size 64 so that VAE
+    tiling really tiles above 64 px (the real VAEs tile above 512, 768 or 1024 px)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=64, scaling_factor=scaling_factor, force_upcast=force_upcast)
+
+
+def _write_hub_files(folder: Path, arch: str) -> None:
+    """Make the saved folder read like the hub repo: its scheduler_config.json, its tokenizers as
+    vocab.json + merges.txt (the files the hub has, so loading converts them the same way), and the
+    feature extractor class its model_index.json names."""
+    import json
+
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    config = {"_class_name": TWIN_SCHEDULERS[arch]["_class_name"], "_diffusers_version": diffusers.__version__,
+              **{k: v for k, v in TWIN_SCHEDULERS[arch].items() if k != "_class_name"}}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for name in ("tokenizer", "tokenizer_2"):
+        target = folder / name
+        if not target.is_dir():
+            continue
+        tokenizer = CLIPTokenizer.from_pretrained(target)
+        for file in target.iterdir():
+            file.unlink()
+        specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": tokenizer.pad_token,
+                    "unk_token": "<|endoftext|>"}
+        (target / "vocab.json").write_text(json.dumps(tokenizer.get_vocab(), ensure_ascii=False))
+        (target / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per byte
+        (target / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+        (target / "tokenizer_config.json").write_text(json.dumps(
+            {"add_prefix_space": False, "do_lower_case": True, "errors": "replace", "model_max_length": 77,
+             "tokenizer_class": "CLIPTokenizer", **specials}, indent=2))
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if index.get("feature_extractor", [None])[0]:  # transformers names the PIL fallback when torchvision is absent
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _twin_scheduler(arch: str):
+    import diffusers
+
+    config = dict(TWIN_SCHEDULERS[arch])
+    return getattr(diffusers, config.pop("_class_name")).from_config(config)
+
+
+def build_sd_twin(folder: Path, arch: str) -> None:
+    """SD 1.5 (``sd15``) or SD-Turbo (``sd-turbo``, the SD 2.1 architecture) as a StableDiffusionPipeline.
+
+    SD 1.5: OpenAI CLIP text encoder (quick_gelu), UNet with conv projections in its transformers, PNDM,
+    and a safety checker with its CLIPImageProcessor. SD 2.1: OpenCLIP text encoder (gelu, pad "!"),
+    linear projections and per-block head counts; SD-Turbo ships no safety checker and Euler with
+    trailing timesteps.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from models.offline import seeded
+
+    sd2 = arch == "sd-turbo"
+    tokenizer = tiny_clip_tokenizer(pad_token="!" if sd2 else "<|endoftext|>")
+    seeded()
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=64, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TWIN_WIDTH, norm_num_groups=4,
+        attention_head_dim=(2, 4) if sd2 else 2, use_linear_projection=sd2)
+    vae = _tiny_vae(scaling_factor=0.18215, force_upcast=True)
+    text_encoder = _tiny_text_encoder(tokenizer, "gelu" if sd2 else "quick_gelu")
+    safety_checker = feature_extractor = None
+    if not sd2:
+        safety_checker, feature_extractor = _tiny_safety_checker()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=_twin_scheduler(arch), safety_checker=safety_checker,
+                                   feature_extractor=feature_extractor, requires_safety_checker=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _write_hub_files(folder, arch)
+
+
+def _tiny_safety_checker():
+    """SD 1.5's StableDiffusionSafetyChecker (a CLIP vision tower and concept embeddings) and its
+    CLIPImageProcessor, at 32 px. Its concept thresholds stay at 1.0, so random weights flag nothing."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={"hidden_size": TWIN_WIDTH, "intermediate_size": 2 * TWIN_WIDTH, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 600,
+                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": TWIN_WIDTH, "intermediate_size": 2 * TWIN_WIDTH, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=TWIN_WIDTH)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return StableDiffusionSafetyChecker(config), processor
+
+
+def build_sdxl_twin(folder: Path, arch: str) -> None:
+    """SDXL (``sdxl``) or SDXL-Turbo (``sdxl-turbo``) as a StableDiffusionXLPipeline.
+
+    Two text encoders (CLIPTextModel, quick_gelu; CLIPTextModelWithProjection, gelu, whose pooled
+    projection conditions the UNet), two tokenizers, a UNet with ``text_time`` additional embeddings
+    (its input width = 6 size/crop numbers x addition_time_embed_dim + the pooled width) and
+    cross-attention over both encoders' widths, and a VAE that asks to be upcast in fp16.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from models.offline import seeded
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!")
+    seeded()
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=128, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TWIN_WIDTH,
+        cross_attention_dim=2 * TWIN_WIDTH, norm_num_groups=4)
+    vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
+    text_encoder = _tiny_text_encoder(tokenizer, "quick_gelu")
+    text_encoder_2 = _tiny_text_encoder(tokenizer_2, "gelu", with_projection=True)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=_twin_scheduler(arch), force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _write_hub_files(folder, arch)
 
 
 # ---- generation ------------------------------------------------------------------------------
@@ -380,6 +679,23 @@ def token_overflow(tokenizer, text: str) -> str:
     if len(ids) <= room:
         return ""
     return tokenizer.decode(ids[room:], skip_special_tokens=True).strip() or f"{len(ids) - room} tokens"
+
+
+def overflow_notices(pipe, prompt: str, negative: str) -> list[str]:
+    """One notice per part of a prompt that a text encoder does not read, naming the encoder where SDXL's two differ."""
+    tokenizers = [(label, getattr(pipe, name, None)) for label, name in (("text encoder", "tokenizer"),
+                                                                       ("second text encoder", "tokenizer_2"))]
+    tokenizers = [(label, tokenizer) for label, tokenizer in tokenizers if tokenizer is not None]
+    notices = []
+    for label, text in (("prompt", prompt), ("negative prompt", negative)):
+        seen = set()
+        for encoder, tokenizer in tokenizers:
+            cut = token_overflow(tokenizer, text)
+            if cut and cut not in seen:
+                seen.add(cut)
+                notices.append(f"The {label} is longer than the {encoder}'s {tokenizer.model_max_length} tokens; "
+                               f"this part was cut: \"{cut}\"")
+    return notices
 
 
 def use_scheduler(handle: DiffusionHandle, name: str) -> None:
@@ -422,6 +738,12 @@ def apply_memory_options(handle: DiffusionHandle, request: ImageRequest, notices
         handle.offloaded = wants_offload
 
 
+def denoising_steps(scheduler, steps: int) -> int:
+    """How many denoising passes ``steps`` makes: PNDM (SD 1.5's own scheduler) repeats one, 25 -> 26."""
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
 def attention_label(handle: DiffusionHandle) -> str:
     return f"{handle.attention_backend} + attention slicing" if handle.attention_slicing else handle.attention_backend
 
@@ -441,14 +763,10 @@ def generate(handle: DiffusionHandle, request: ImageRequest, *, styles: dict | N
     started = time.perf_counter()
     notices = list(notices or [])
     pipe = handle.pipe
-    # 1. Prompts after the style preset, and what the 77-token text encoder will not read
+    # 1. Prompts after the style preset, and what each text encoder (SDXL has two) will not read
     styles = styles if styles is not None else load_styles(None)
     prompt, negative = apply_style(styles, request.style, request.prompt, request.negative_prompt)
-    for label, text in (("prompt", prompt), ("negative prompt", negative)):
-        cut = token_overflow(pipe.tokenizer, text)
-        if cut:
-            notices.append(f"The {label} is longer than the text encoder's {pipe.tokenizer.model_max_length} "
-                           f"tokens; this part was cut: \"{cut}\"")
+    notices.extend(overflow_notices(pipe, prompt, negative))
     # 2. Scheduler, memory options, safety checker
     use_scheduler(handle, request.scheduler)
     apply_memory_options(handle, request, notices)
@@ -456,7 +774,7 @@ def generate(handle: DiffusionHandle, request: ImageRequest, *, styles: dict | N
         pipe.safety_checker = handle.safety_checker if request.safety_checker else None
     # 3. One pipeline call per image, each with its own CPU generator: batching changes the float
     #    rounding, so only this way does a PNG's recipe (one seed) re-make exactly the same pixels.
-    total = request.steps * request.num_images
+    total = denoising_steps(pipe.scheduler, request.steps) * request.num_images
     steps_done = 0
     images, flagged = [], []
 

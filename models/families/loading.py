@@ -6,9 +6,13 @@ model, and need a chat template; only the auto classes differ.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from models.catalog import ModelSpec
 from models.errors import InvalidRequest
 from models.quantization import Precision, fit_4bit_for_cpu, transformers_kwargs
+from models.sources import ModelUnavailableError
 
 
 def load_pretrained(spec: ModelSpec, location: str, precision: Precision, model_class, processor_class,
@@ -46,3 +50,26 @@ def require_chat_template(processor, message: str) -> None:
     if template is None:
         raise InvalidRequest(message)
     processor.chat_template = template
+
+
+def folder_config(spec: ModelSpec, location: str, wanted: str, missing_config: str = "") -> dict | None:
+    """The ``config.json`` of a local model folder as a dict (None for a hub id), before any weights are read.
+
+    A folder without one, or with one that cannot be read, gets a message saying what the folder
+    holds and what ``wanted`` (the family's kind of model, "a chat model...") needs.
+    """
+    folder = Path(location)
+    if not folder.is_dir():
+        return None
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        what = missing_config or ("a diffusers pipeline" if (folder / "model_index.json").is_file()
+                                  else "no config.json")
+        raise ModelUnavailableError(f"{spec.id}: {folder} holds {what}, not {wanted}.")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(f"{spec.id}: cannot read {config_file}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelUnavailableError(f"{spec.id}: {config_file} is not a JSON object; it holds no model config.")
+    return config
