@@ -53,6 +53,7 @@ def create(argv: list[str] | None = None):
 
 def launch_kwargs(settings, manager) -> dict:
     """Keyword arguments for ``demo.launch``, including the /health route and secure defaults."""
+    import api
     from tabs import CSS, THEME, health_route
 
     return {
@@ -66,7 +67,8 @@ def launch_kwargs(settings, manager) -> dict:
         "show_error": True,
         "theme": THEME,
         "css": CSS,
-        "app_kwargs": {"routes": [health_route(manager)]},
+        # /health and the OpenAI-compatible /v1 routes live next to the Gradio app, on the same server
+        "app_kwargs": {"routes": [health_route(manager), *api.routes(manager, settings)]},
         "ssr_mode": False,
     }
 
@@ -79,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
                     "and its models", settings.host)
     if settings.offline:
         log.info("offline mode: %s; offline models are preselected", settings.offline_reason)
-    log.info("memory budget %.1f GB, device %s, cache %s, auth %s", settings.memory_budget_gb,
-             settings.device, settings.cache_dir, "on" if settings.auth else "off")
+    log.info("memory budget %.1f GB, device %s, cache %s, auth %s, API %s", settings.memory_budget_gb,
+             settings.device, settings.cache_dir, "on" if settings.auth else "off",
+             "key required" if settings.api_key else "closed (--auth without --api-key)" if settings.auth else "open")
     # Anything `make run` did not prepare (a fresh cache, a new models file) is prepared now, in the
     # background, so that nobody waits on a conversion at their first click; the Models tab shows it.
     manager.preparation.start()

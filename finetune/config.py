@@ -22,6 +22,7 @@ from models.checks import check_name
 from models.errors import InvalidRequest, TooLarge, quote
 from models.limits import Limits
 
+MAX_PROCESSES = 64
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 QUANTIZATIONS = ("nf4", "int8", "none")
 TRAINABLE_TASKS = ("chat", "vqa")
@@ -41,6 +42,12 @@ PRESETS: dict[str, dict] = {
     "low memory": dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, learning_rate=2e-4, max_steps=0, epochs=2.0,
                        batch_size=1, grad_accum=16, max_length=512, warmup_steps=10, scheduler="cosine",
                        gradient_checkpointing=True, eval_steps=100, save_steps=100),
+    # For finetune/examples/invented-facts.jsonl: 30 one-word facts memorised in 32 steps (about 1.5 min
+    # on 2 CPU cores); every row trains, since the point is to answer exactly these questions.
+    "teach facts (smollm2-135m)": dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-3, max_steps=0,
+                                       epochs=8.0, batch_size=8, grad_accum=1, max_length=64, warmup_steps=0,
+                                       scheduler="constant", gradient_checkpointing=False, eval_steps=0,
+                                       save_steps=0, val_fraction=0.0),
 }
 
 
@@ -73,11 +80,15 @@ class RunConfig:
     eval_steps: int = 0
     save_steps: int = 0
     val_fraction: float = 0.1
+    # Training processes (DDP): one per GPU through torchrun; on CPU several share the cores (gloo).
+    # Only rank 0 writes the log, the checkpoints and the adapter.
+    processes: int = 1
     # paths, filled by the runner (or by hand for the command line)
     dataset: str = ""
     run_dir: str = ""
     cache_dir: str = ".cache"
     models_dir: str = ""
+    models_file: str = ""  # the app's --models-file, so a run can train on the user's own catalog entries
     offline: bool = False
     device: str = "auto"
     resume_from: str = ""
@@ -118,6 +129,7 @@ class RunConfig:
         number("eval_steps", 0, 10_000_000, integer=True)
         number("save_steps", 0, 10_000_000, integer=True)
         number("val_fraction", 0, 0.5)
+        number("processes", 1, MAX_PROCESSES, integer=True)
         if self.scheduler not in SCHEDULERS:
             problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {quote(self.scheduler, 80)}")
         if self.quantization not in QUANTIZATIONS:
@@ -151,7 +163,7 @@ class RunConfig:
 
     def training_dict(self) -> dict:
         """The knobs a user sets (no paths): what the UI shows and a model card records."""
-        paths = {"dataset", "run_dir", "cache_dir", "models_dir", "offline", "device", "resume_from"}
+        paths = {"dataset", "run_dir", "cache_dir", "models_dir", "models_file", "offline", "device", "resume_from"}
         return {k: v for k, v in self.to_dict().items() if k not in paths}
 
     def to_yaml(self) -> str:
@@ -284,16 +296,23 @@ def with_preset(config: RunConfig, preset: str) -> RunConfig:
     return dataclasses.replace(config, **PRESETS[preset])
 
 
-def cli_command(config_path: str | Path, accelerate: bool = False) -> str:
-    """The shell command that runs this config outside the UI."""
+def cli_command(config_path: str | Path, processes: int = 1, accelerate: bool = False) -> str:
+    """The shell command that runs this config outside the UI (``processes`` > 1: one per GPU, DDP)."""
     module = ["-m", "finetune.train", str(config_path)]
     if accelerate:
-        return shlex.join(["accelerate", "launch", *module])
+        return shlex.join(["accelerate", "launch", "--num_processes", str(processes), *module])
+    if processes > 1:
+        return shlex.join(["torchrun", "--standalone", "--nproc_per_node", str(processes), *module])
     return shlex.join(["python", *module])
 
 
 def command_help(config: RunConfig) -> str:
     """What "Show command" prints: how to run this config outside the UI."""
     name = f"{config.adapter_name}.yaml"
-    return (f"# save the YAML above as {name} (add dataset: path/to/data.jsonl)\n{cli_command(name)}\n"
-            f"# or, on several GPUs\n{cli_command(name, accelerate=True)}")
+    gpus = max(2, config.processes)
+    return (f"# save the YAML above as {name} (add dataset: path/to/data.jsonl)\n"
+            f"{cli_command(name, config.processes)}\n"
+            f"# on {gpus} GPUs of one machine, one process each (DDP; only rank 0 writes the log and adapter)\n"
+            f"{cli_command(name, gpus)}\n"
+            f"# the same through accelerate (e.g. with --config_file finetune/accelerate/deepspeed_zero3.yaml)\n"
+            f"{cli_command(name, gpus, accelerate=True)}")

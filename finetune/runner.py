@@ -195,6 +195,7 @@ class TrainingRunner:
             config = dataclasses.replace(
                 config, dataset=str(parsed.path), run_dir=str(run_dir), cache_dir=str(self.settings.cache_dir),
                 models_dir=str(self.settings.offline_models_dir), offline=self.settings.offline,
+                models_file=str(self.settings.models_file or ""),
                 device=self.settings.device, resume_from="")  # resuming is only offered for this app's own runs
             config.save(run_dir / "config.yaml")
         except BaseException:
@@ -238,9 +239,13 @@ class TrainingRunner:
     def _launch(self, run_id: str, run_dir: Path, args: list[str]) -> _Process:
         if self.manager is not None:
             self.manager.unload_all()  # training takes the device; chat/VQA reload on their next call
+        config = RunConfig.load(run_dir / "config.yaml")
+        # Several processes (DDP) through torchrun; it forwards the stop signal to each of them
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                    str(config.processes)] if config.processes > 1 else [sys.executable]
         with open(run_dir / "process.log", "ab") as output:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "finetune.train", str(run_dir / "config.yaml"), *args],
+                [*launcher, "-m", "finetune.train", str(run_dir / "config.yaml"), *args],
                 cwd=str(ROOT), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
         return _Process(run_id=run_id, popen=popen, run_dir=run_dir)
@@ -296,7 +301,7 @@ class TrainingRunner:
         if orphan:
             summary["message"] = "this run did not finish: the app was restarted while it ran; resume it"
         summary.update(run_id=run_id, log_tail=tail(run_dir / "process.log"),
-                       command=cli_command(run_dir / "config.yaml"))
+                       command=cli_command(run_dir / "config.yaml", RunConfig.load(run_dir / "config.yaml").processes))
         return summary
 
     def active_run(self) -> str | None:

@@ -23,9 +23,21 @@ from pathlib import Path
 from finetune.config import ALL_LINEAR, RunConfig
 from models.errors import InvalidRequest
 
-# Parts of a multimodal model that stay frozen: only the language model gets LoRA.
-FROZEN_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "visual", "image_newline", "lm_head",
-                "embed_tokens", "audio_tower")
+# Parts of a multimodal model that stay frozen: only the language model gets LoRA. Substrings of module
+# names: the vision towers (``vision_tower``: LLaVA; ``vision_model``: Idefics3/SmolVLM and Mllama;
+# ``visual``: Qwen2-VL/2.5-VL, its merger included), the connectors that project image features into the
+# language model (``multi_modal_projector``: LLaVA, Mllama; ``connector``: Idefics3/SmolVLM), the output
+# head and embeddings.
+FROZEN_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "connector", "visual", "image_newline",
+                "lm_head", "embed_tokens", "audio_tower")
+# Decoder layers that exist only to feed the image into the language model, by class: Mllama's
+# cross-attention layers (cross-attention and an MLP, inserted between Llama 3.1's self-attention layers).
+# Meta describes them as the vision adapter, trained with the image encoder while the Llama 3.1 weights
+# stayed frozen; so they stay frozen, as the projectors do. They also run only when a batch has an
+# image: on a text-only dataset their LoRA weights would get no gradient (an error under DDP).
+VISION_ADAPTER_LAYERS = ("MllamaCrossAttentionDecoderLayer",)
+# Image inputs aligned with the token sequence (batch, tokens, ...): cut and padded with the ids.
+SEQUENCE_INPUTS = ("cross_attention_mask", "mm_token_type_ids", "token_type_ids")
 LOG_NAME = "log.jsonl"
 
 
@@ -61,21 +73,36 @@ class GracefulStop:
         self.signal_name = signal.Signals(signum).name
 
 
+def vision_adapter_layers(model) -> list[str]:
+    """Names of the decoder layers that only read the image (``VISION_ADAPTER_LAYERS``), e.g. Mllama's."""
+    return [name for name, module in model.named_modules() if type(module).__name__ in VISION_ADAPTER_LAYERS]
+
+
 def target_modules_pattern(model, wanted: str | list[str]) -> str:
-    """A regex over module names: the wanted linear layers of the language model only."""
+    """A regex over module names: the wanted linear layers of the language model only.
+
+    Left out: ``FROZEN_PARTS`` (vision towers, projectors, head) and the layers of ``vision_adapter_layers``.
+    """
     import re
 
     import torch
 
+    adapters = vision_adapter_layers(model)
+
+    def in_language_model(name: str) -> bool:
+        return not any(part in name for part in FROZEN_PARTS) and not any(
+            name.startswith(f"{layer}.") for layer in adapters)
+
     if wanted == ALL_LINEAR:
         leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear) and not any(p in name for p in FROZEN_PARTS)})
+                         if isinstance(module, torch.nn.Linear) and in_language_model(name)})
     else:
         leaves = sorted({str(name).strip() for name in wanted})
     if not leaves:
         raise InvalidRequest("no linear layer of the language model matches target_modules")
     frozen = "|".join(FROZEN_PARTS)
-    return rf"^(?!.*(?:{frozen})).*\.(?:{'|'.join(re.escape(leaf) for leaf in leaves)})$"
+    skip_adapters = rf"(?!(?:{'|'.join(re.escape(layer) for layer in adapters)})\.)" if adapters else ""
+    return rf"^{skip_adapters}(?!.*(?:{frozen})).*\.(?:{'|'.join(re.escape(leaf) for leaf in leaves)})$"
 
 
 def _settings(config: RunConfig):
@@ -129,7 +156,13 @@ def add_lora(model, config: RunConfig, precision):
 
 
 class Collator:
-    """Right-pads ids (pad token) and labels (-100); stacks pixel values when there are images."""
+    """Right-pads ids (pad token) and labels (-100); batches the processor's image inputs.
+
+    Image inputs differ by architecture: ``pixel_values`` per image (LLaVA), per tile with
+    ``pixel_attention_mask`` (Idefics3: the tile count varies, all-zero tiles are padding), flattened
+    patches with ``image_grid_thw`` (Qwen2-VL), tiles with aspect-ratio ids and a per-token
+    ``cross_attention_mask`` (Mllama). ``SEQUENCE_INPUTS`` are cut and padded like the ids.
+    """
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -147,10 +180,52 @@ class Collator:
             labels[row, :length] = torch.tensor(item["labels"])
             mask[row, :length] = 1
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
+        with_images = [item for item in items if item.get("image_inputs")]
+        for key in with_images[0]["image_inputs"] if with_images else ():
+            pairs = [(item["image_inputs"][key], item) for item in with_images
+                     if item["image_inputs"].get(key) is not None]
+            if key in SEQUENCE_INPUTS:
+                values = [_pad_dim(value[:, :len(item["input_ids"])], 1, width) for value, item in pairs]
+            else:
+                values = [value for value, _ in pairs]
+            if key not in SEQUENCE_INPUTS and any(value.shape[1:] != values[0].shape[1:] for value in values):
+                values = [_pad_to(value, values) for value in values]
+            batch[key] = torch.cat(values)
         return batch
+
+
+def _pad_dim(value, dim: int, size: int):
+    """``value`` zero-padded at the end of ``dim`` to ``size``."""
+    import torch.nn.functional as F
+
+    missing = size - value.shape[dim]
+    if missing <= 0:
+        return value
+    pad = [0, 0] * (value.dim() - dim - 1) + [0, missing]
+    return F.pad(value, pad)
+
+
+def _pad_to(value, values):
+    """``value`` zero-padded after its first dimension to the largest shape among ``values``."""
+    for dim in range(1, value.dim()):
+        value = _pad_dim(value, dim, max(other.shape[dim] for other in values))
+    return value
+
+
+def stop_agreed(requested: bool) -> bool:
+    """Whether any process was asked to stop: under DDP every rank must stop at the same step, or the
+    others would wait forever in the next gradient all-reduce."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return requested
+    import torch
+
+    flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def make_callbacks(log: RunLog, stopper: GracefulStop):
@@ -167,7 +242,7 @@ def make_callbacks(log: RunLog, stopper: GracefulStop):
 
         def on_train_begin(self, args, state, control, **kwargs):
             log.write("start", step=state.global_step, total_steps=state.max_steps, epochs=args.num_train_epochs,
-                      rss_mb=current_rss_mb())
+                      rss_mb=current_rss_mb(), processes=args.world_size)
             self.last_time = time.time()
             self.last_tokens = state.num_input_tokens_seen
 
@@ -195,7 +270,7 @@ def make_callbacks(log: RunLog, stopper: GracefulStop):
             log.write("checkpoint", step=state.global_step, path=str(path))
 
         def on_step_end(self, args, state, control, **kwargs):
-            if stopper.requested and not control.should_training_stop:
+            if stop_agreed(stopper.requested) and not control.should_training_stop:
                 log.write("stopping", step=state.global_step, signal=stopper.signal_name)
                 control.should_training_stop = True
                 control.should_save = True
@@ -301,6 +376,9 @@ def training_arguments(config: RunConfig, run_dir: Path, device: str, precision,
         use_cpu=device == "cpu",
         bf16=device == "cuda" and torch.cuda.is_bf16_supported() and precision.name in ("nf4", "bf16"),
         dataloader_num_workers=0,
+        # several processes (torchrun): gloo on CPU; LoRA leaves most parameters frozen, none unused
+        ddp_backend="gloo" if device == "cpu" and config.processes > 1 else None,
+        ddp_find_unused_parameters=False if config.processes > 1 else None,
         remove_unused_columns=False,
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",
@@ -316,7 +394,7 @@ def run(config: RunConfig, run_dir: Path, log: RunLog, stopper: GracefulStop, re
     from models.catalog import Catalog
     from models.memory import resolve_device
 
-    catalog = Catalog.load()
+    catalog = Catalog.load(Path(config.models_file) if config.models_file else None)
     config.validate(catalog)
     settings = _settings(config)
     device = resolve_device(config.device)

@@ -7,28 +7,30 @@ from pathlib import Path
 
 import yaml
 
-from models.errors import InvalidRequest
+from models.errors import UnknownModel
 
 TASKS = ("vqa", "text-to-image", "speech-to-text", "chat", "text-to-speech")
 TASK_LABELS = {"vqa": "Image VQA", "text-to-image": "Text-to-image", "speech-to-text": "Speech-to-text",
                "chat": "Chat", "text-to-speech": "Text-to-speech"}
-FAMILIES = ("vlm", "diffusion", "asr", "chat", "tts", "piper")
-SOURCES = ("hub", "local", "offline", "package", "coqui")
+FAMILIES = ("vlm", "diffusion", "asr", "chat", "tts", "piper", "remote")
+SOURCES = ("hub", "local", "offline", "package", "coqui", "openai")
 QUANTS = ("nf4", "int8", "fp16", "bf16", "fp32")
 BUILTIN_FILE = Path(__file__).with_name("catalog.yaml")
 
 # Per-device default precision for each family: 4-bit NF4 for language models on CUDA,
 # fp16 diffusion on CUDA, fp32 on CPU, fp16 on MPS where the family supports it.
+# Families that are never quantized (speech, voices, remote engines) run in fp32 locally.
+_UNQUANTIZED = {"asr": "fp32", "tts": "fp32", "piper": "fp32", "remote": "fp32"}
 DEFAULT_QUANT = {
-    "cuda": {"vlm": "nf4", "chat": "nf4", "diffusion": "fp16", "asr": "fp16", "tts": "fp32", "piper": "fp32"},
-    "mps": {"vlm": "fp16", "chat": "fp16", "diffusion": "fp16", "asr": "fp16", "tts": "fp32", "piper": "fp32"},
-    "cpu": {"vlm": "fp32", "chat": "fp32", "diffusion": "fp32", "asr": "fp32", "tts": "fp32", "piper": "fp32"},
+    "cuda": {"vlm": "nf4", "chat": "nf4", "diffusion": "fp16", **_UNQUANTIZED, "asr": "fp16"},
+    "mps": {"vlm": "fp16", "chat": "fp16", "diffusion": "fp16", **_UNQUANTIZED, "asr": "fp16"},
+    "cpu": {"vlm": "fp32", "chat": "fp32", "diffusion": "fp32", **_UNQUANTIZED},
 }
 BYTES_PER_PARAM = {"nf4": 0.56, "int8": 1.05, "fp16": 2.0, "bf16": 2.0, "fp32": 4.0}
 OFFLINE_SOURCES = ("offline", "package", "local")
 
 
-class UnknownModelError(InvalidRequest):
+class UnknownModelError(UnknownModel):
     """Raised for a model id that is not in the catalog."""
 
 
@@ -47,6 +49,10 @@ class ModelSpec:
     variant: str = ""
     quant: dict[str, str] = dataclasses.field(default_factory=dict)
     trust_remote_code: bool = False
+    base_url: str = ""  # source openai: the engine's OpenAI-compatible endpoint (http://host:8000/v1)
+    api_key_env: str = ""  # source openai: the environment variable that holds the engine's API key
+    twin: str = ""  # hub and Coqui entries: the offline random-weight model of the same architecture
+    twin_of: str = ""  # a twin: the entry it stands in for (twins are left out of the tabs' menus)
 
     @property
     def location(self) -> str:
@@ -86,6 +92,11 @@ def _spec_from_dict(raw: dict, where: str) -> ModelSpec:
     for key, allowed in (("task", TASKS), ("family", FAMILIES), ("source", SOURCES)):
         if raw[key] not in allowed:
             raise ValueError(f"{where}: {raw['id']}: {key} must be one of {allowed}, got {raw[key]!r}")
+    if (raw["source"] == "openai") != (raw["family"] == "remote"):
+        raise ValueError(f"{where}: {raw['id']}: a remote engine has source openai and family remote (both or neither)")
+    if raw["source"] == "openai" and (raw["task"] not in ("chat", "vqa") or not raw.get("base_url")):
+        raise ValueError(f"{where}: {raw['id']}: a remote engine is a chat or vqa model with a base_url "
+                         "(http://host:8000/v1)")
     for device, quant in (raw.get("quant") or {}).items():
         if quant not in QUANTS:
             raise ValueError(f"{where}: {raw['id']}: quant for {device} must be one of {QUANTS}")
@@ -110,6 +121,12 @@ class Catalog:
         self._specs: dict[str, ModelSpec] = {}
         for spec in specs:
             self._specs[spec.id] = spec
+        for spec in self._specs.values():
+            twin = self._specs.get(spec.twin) if spec.twin else None
+            if spec.twin and (twin is None or twin.source != "offline" or (twin.task, twin.family) != (
+                    spec.task, spec.family)):
+                raise ValueError(f"{spec.id}: its twin {spec.twin!r} must be an offline entry of the same task "
+                                 "and family")
 
     @classmethod
     def load(cls, user_file: Path | None = None) -> Catalog:
@@ -123,11 +140,16 @@ class Catalog:
             raise UnknownModelError(f"Unknown model {model_id!r}. Known models: {', '.join(self._specs)}")
         return self._specs[model_id]
 
-    def for_task(self, task: str) -> list[ModelSpec]:
-        return [spec for spec in self._specs.values() if spec.task == task]
+    def for_task(self, task: str, twins: bool = False) -> list[ModelSpec]:
+        """Models for ``task`` in catalog order; architecture twins only when asked for."""
+        return [spec for spec in self._specs.values() if spec.task == task and (twins or not spec.twin_of)]
 
     def ids(self, task: str) -> list[str]:
         return [spec.id for spec in self.for_task(task)]
+
+    def twins(self) -> list[tuple[ModelSpec, ModelSpec]]:
+        """(entry, its twin) for every hub or Coqui entry that names one."""
+        return [(spec, self._specs[spec.twin]) for spec in self._specs.values() if spec.twin]
 
     def default_for(self, task: str, offline: bool) -> str:
         """First offline-capable model when offline; first hub model otherwise."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from models.errors import InvalidRequest, TooLarge, quote
+from models.errors import InvalidRequest, TooLarge, UnknownModel, WrongTask, quote
 
 CHAT_ROLES = ("system", "user", "assistant")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -95,11 +95,11 @@ def check_model(catalog, model_id, task: str):
     from models.catalog import TASK_LABELS
 
     if not isinstance(model_id, str) or model_id not in catalog:
-        raise InvalidRequest(f"Unknown model {quote(model_id, 100)}. {TASK_LABELS.get(task, task)} models: "
+        raise UnknownModel(f"Unknown model {quote(model_id, 100)}. {TASK_LABELS.get(task, task)} models: "
                              f"{', '.join(catalog.ids(task))}")
     spec = catalog.get(model_id)
     if spec.task != task:
-        raise InvalidRequest(f"{model_id} is a {spec.task} model; choose one of: {', '.join(catalog.ids(task))}")
+        raise WrongTask(f"{model_id} is a {spec.task} model; choose one of: {', '.join(catalog.ids(task))}")
     return spec
 
 

@@ -16,6 +16,14 @@ class InvalidRequest(UserError, ValueError):
     """What was sent is not acceptable: a value out of range, a wrong type, a bad file."""
 
 
+class UnknownModel(InvalidRequest):
+    """The model id is not in the catalog."""
+
+
+class WrongTask(InvalidRequest):
+    """The model exists but does another task (a chat model asked to answer about an image...)."""
+
+
 class TooLarge(InvalidRequest):
     """The request is over a limit (file size, pixels, seconds of audio, rows, tokens, characters)."""
 

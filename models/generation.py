@@ -28,6 +28,7 @@ class GenerationParams:
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.95
+    seed: int | None = None  # sampling seed (the OpenAI API's ``seed``); None: not reseeded
 
     MAX_NEW_TOKENS = MAX_NEW_TOKENS
 
@@ -38,6 +39,9 @@ class GenerationParams:
                              f"got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 2.0:
             raise InvalidRequest(f"temperature must be between 0 and 2, got {self.temperature!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**32):
+            raise InvalidRequest(f"seed must be a whole number from 0 to {2**32 - 1}, got {self.seed!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be above 0 and at most 1, got {self.top_p!r}")
 
@@ -56,6 +60,12 @@ class StreamStats:
     new_tokens: int = 0
     seconds: float = 0.0
     stopped: bool = False
+    prompt_tokens: int = 0
+    max_new_tokens: int = 0  # after any lowering to fit the context
+
+    @property
+    def hit_length_limit(self) -> bool:
+        return bool(self.max_new_tokens) and self.new_tokens >= self.max_new_tokens
 
     @property
     def tokens_per_second(self) -> float:
@@ -93,9 +103,13 @@ def stream_generate(model, tokenizer, inputs: dict, params: GenerationParams,
     errors: list[BaseException] = []
 
     call_kwargs = dict(inputs)
+    stats.prompt_tokens = int(inputs["input_ids"].shape[-1]) if "input_ids" in inputs else 0
+    stats.max_new_tokens = params.max_new_tokens
 
     def work(generate=model.generate):
         try:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)  # the model call holds the device lock: no other call draws meanwhile
             with torch.inference_mode():
                 generate(**call_kwargs, **params.generate_kwargs(), streamer=streamer,
                          stopping_criteria=StoppingCriteriaList([_StopFlag()]),

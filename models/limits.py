@@ -128,6 +128,42 @@ class StopFlag:
             event.set()
 
 
+def exclusive(lock: threading.Lock, seconds: float | None, fn, *args, **kwargs):
+    """Run ``fn`` as one model call: holding ``lock`` (one call at a time on the device) with a current Call."""
+    call = Call(seconds)
+    with lock, active(call):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            call.end()
+
+
+def exclusive_iter(lock: threading.Lock, seconds: float | None, make_iterator) -> Iterator:
+    """Iterate ``make_iterator()`` as one model call, whichever threads resume it.
+
+    The lock is held until the work has really ended: a consumer that goes away (a cancelled
+    Gradio event, a closed HTTP stream) closes this generator once its running step returns, and
+    only then may the next call start. The Call is made current around every step, and set when the
+    generator is closed, so a loop still running ends at its next token or step.
+    """
+    call = Call(seconds)
+    with lock:
+        iterator = make_iterator()
+        try:
+            while True:
+                with active(call):
+                    try:
+                        value = next(iterator)
+                    except StopIteration:
+                        return
+                yield value
+        finally:
+            call.stop.set()
+            with active(call):
+                iterator.close()
+            call.end()
+
+
 def timeout_notice() -> str:
     """The current call's time-cap notice, or ""."""
     call = current()

@@ -45,7 +45,7 @@ def choose(spec, device: str, requested: str | None = None) -> Precision:
         raise InvalidRequest(f"{name} needs bitsandbytes, which does not support MPS; choose fp16 or fp32")
     if name in ("fp16", "bf16") and device == "cpu":
         name = "fp32"  # half-precision matmuls are slow or missing on CPU
-    if name in BNB_QUANTS and spec.family in ("asr", "tts", "piper"):
+    if name in BNB_QUANTS and spec.family in ("asr", "tts", "piper", "remote"):
         raise InvalidRequest(f"{spec.id}: {spec.family} models are not quantized; choose fp16 or fp32")
     return Precision(name=name, device=device)
 

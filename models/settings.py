@@ -32,6 +32,8 @@ class Settings:
     preload: tuple[str, ...] = ()  # model ids (or "defaults") loaded in the background right after start-up
     limits: Limits = dataclasses.field(default_factory=Limits)  # what one request may cost (models/limits.py)
     retention_gb: float = 5.0  # generated files kept (outputs, finished runs, uploads); adapters are never removed
+    api_key: str = dataclasses.field(default="", repr=False)  # required as a Bearer token on /v1 when set
+    allow_remote_images: bool = False  # the API may fetch http(s) image URLs (public addresses only)
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -101,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retention-gb", type=float, default=float(_env("WORKBENCH_RETENTION_GB", "5")),
                         help="GB of generated files kept (images, finished training runs, uploads); the oldest "
                              "go first, adapters are never removed (env WORKBENCH_RETENTION_GB, default 5)")
+    parser.add_argument("--api-key", default=_env("WORKBENCH_API_KEY", ""),
+                        help="require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1 routes "
+                             "(env WORKBENCH_API_KEY); never logged. With --auth and no key, /v1 is closed")
+    parser.add_argument("--allow-remote-images", action="store_true",
+                        default=(_env("WORKBENCH_ALLOW_REMOTE_IMAGES", "0").lower() in TRUTHY),
+                        help="let /v1 fetch http(s) image URLs; loopback, private and link-local addresses are "
+                             "always refused (env WORKBENCH_ALLOW_REMOTE_IMAGES)")
     parser.add_argument("--preload", default=_env("WORKBENCH_PRELOAD", ""),
                         help="comma-separated model ids to load in the background right after start-up; "
                              "'defaults': the voice tab's speech, chat and voice models that work offline; "
@@ -140,6 +149,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         preload=tuple(part.strip() for part in args.preload.split(",") if part.strip()),
         limits=Limits.from_env(call_seconds=args.max_call_seconds),
         retention_gb=args.retention_gb,
+        api_key=args.api_key or "",
+        allow_remote_images=bool(args.allow_remote_images),
     )
 
 

@@ -24,6 +24,7 @@ from models.generation import MAX_NEW_TOKENS, GenerationParams
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Your answers are read aloud: keep them short and plain."
 DEFAULT_MAX_NEW_TOKENS = 96
 DEFAULT_TEMPERATURE = 0.3
+DEFAULT_TOP_P = 0.95
 TTS_FAMILIES = ("tts", "piper")
 
 
@@ -124,13 +125,16 @@ class ReplyOptions:
 
     @classmethod
     def build(cls, catalog, settings, *, model=None, system_prompt=DEFAULT_SYSTEM_PROMPT,
-              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter="none") -> ReplyOptions:
+              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter="none",
+              top_p=DEFAULT_TOP_P, seed=None) -> ReplyOptions:
         from models import adapters
 
         model = check_model(catalog, _default(catalog, settings, model, "chat"), "chat").id
         params = GenerationParams(
             max_new_tokens=check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True),
-            temperature=check_number("temperature", temperature, 0.0, 2.0))
+            temperature=check_number("temperature", temperature, 0.0, 2.0),
+            top_p=check_number("top_p", top_p, 0.0, 1.0),
+            seed=None if seed is None else check_number("seed", seed, 0, 2**32 - 1, integer=True))
         system_prompt = check_text("system_prompt", system_prompt, settings.limits.text_chars, required=False)
         return cls(model=model, system_prompt=system_prompt, params=params,
                    adapter_folder=adapters.resolve(settings.adapters_dir, adapter, model))
@@ -195,12 +199,14 @@ class ChatRequest:
 
     @classmethod
     def build(cls, catalog, settings, *, message, history=None, model=None, system_prompt=DEFAULT_SYSTEM_PROMPT,
-              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter="none") -> ChatRequest:
+              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter="none",
+              top_p=DEFAULT_TOP_P, seed=None) -> ChatRequest:
         message = check_text("message", message, settings.limits.text_chars,
                              empty_message="Say or type a message first.")
         return cls(message=message, history=tuple(check_messages(history, settings.limits)),
                    reply=ReplyOptions.build(catalog, settings, model=model, system_prompt=system_prompt,
-                                            max_new_tokens=max_new_tokens, temperature=temperature, adapter=adapter))
+                                            max_new_tokens=max_new_tokens, temperature=temperature, adapter=adapter,
+                                            top_p=top_p, seed=seed))
 
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.reply.system_prompt}] if self.reply.system_prompt else []
@@ -274,12 +280,11 @@ def chat_reply(manager, request: ChatRequest, stats=None, progress=None, notices
     ``notices`` gets what the user should know: earlier turns left out to fit the context, a lowered
     max_new_tokens, a stop by the time cap.
     """
-    from models.families import chat
-
     options = request.reply
+    family = _family(manager.catalog, options.model)  # chat, or remote for an engine served elsewhere
     with manager.use(options.model, progress=progress) as handle:
-        yield from chat.reply(handle, request.messages(), options.params, adapter_folder=options.adapter_folder,
-                              stats=stats, notices=notices, limits=manager.settings.limits)
+        yield from family.reply(handle, request.messages(), options.params, adapter_folder=options.adapter_folder,
+                                stats=stats, notices=notices, limits=manager.settings.limits)
 
 
 def speak_text(manager, request: SpeakRequest, progress=None):

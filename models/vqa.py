@@ -51,7 +51,7 @@ class VqaRequest:
     @classmethod
     def build(cls, catalog, settings, *, image, question, model=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
               temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P, system_prompt="", adapter=NONE, history=None,
-              base_history=None, compare=False) -> VqaRequest:
+              base_history=None, compare=False, seed=None) -> VqaRequest:
         from models import adapters
         from models.images import load_image
 
@@ -60,7 +60,8 @@ class VqaRequest:
         params = GenerationParams(
             max_new_tokens=check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True),
             temperature=check_number("temperature", temperature, 0.0, 2.0),
-            top_p=check_number("top_p", top_p, 0.0, 1.0))
+            top_p=check_number("top_p", top_p, 0.0, 1.0),
+            seed=None if seed is None else check_number("seed", seed, 0, 2**32 - 1, integer=True))
         question = check_text("question", question, settings.limits.text_chars,
                               empty_message="Type a question about the image first.")
         system_prompt = check_text("system_prompt", system_prompt, settings.limits.text_chars, required=False)
@@ -90,15 +91,17 @@ def answer_once(manager, request: VqaRequest, stop: threading.Event | None = Non
     return answer
 
 
-def chat_turn(manager, request: VqaRequest, stop: threading.Event | None = None, progress=None) -> Iterator[tuple]:
+def chat_turn(manager, request: VqaRequest, stop: threading.Event | None = None, progress=None,
+              stats=None) -> Iterator[tuple]:
     """Stream one turn of the conversation.
 
     Yields ``(history, base_history, notices)``: messages-format lists with the growing answer as the
     last assistant message. ``history`` is the conversation with the chosen adapter (or the base
     model); ``base_history`` is the base model's side of a compare, otherwise unchanged.
     """
-    from models.families import vlm
+    from models.families import family_module
 
+    family = family_module(manager.catalog.get(request.model).family)  # vlm, or remote for an engine elsewhere
     notices = list(request.notices)
     runs = ([("base", None, list(request.base_history))] if request.compare else []) + \
         [("main", request.adapter_folder, list(request.history))]
@@ -108,9 +111,9 @@ def chat_turn(manager, request: VqaRequest, stop: threading.Event | None = None,
             turn = earlier + [{"role": "user", "content": request.question}, {"role": "assistant", "content": ""}]
             shown[side] = turn
             yield shown["main"], shown["base"], notices
-            for text in vlm.answer(handle, request.image, request.question, request.params, history=earlier,
+            for text in family.answer(handle, request.image, request.question, request.params, history=earlier,
                                    system_prompt=request.system_prompt, adapter_folder=run_folder, stop=stop,
-                                   notices=notices):
+                                   notices=notices, stats=stats):
                 turn[-1] = {"role": "assistant", "content": text}
                 yield shown["main"], shown["base"], notices
             if stop is not None and stop.is_set():

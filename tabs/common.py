@@ -70,37 +70,17 @@ def model_call(manager, duration: int = 60):
     """
     def decorate(fn):
         handler = user_errors(fn)
-        cap = manager.settings.limits.call_seconds
+        lock, cap = manager.call_lock, manager.settings.limits.call_seconds
 
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def gen_wrapper(*args, **kwargs):
-                call = limits.Call(cap)
-                with manager.call_lock:
-                    iterator = handler(*args, **kwargs)
-                    try:
-                        while True:
-                            with limits.active(call):
-                                try:
-                                    value = next(iterator)
-                                except StopIteration:
-                                    return
-                            yield value
-                    finally:
-                        call.stop.set()  # a closed generator: whatever still runs ends at its next step
-                        with limits.active(call):
-                            iterator.close()
-                        call.end()
+                yield from limits.exclusive_iter(lock, cap, lambda: handler(*args, **kwargs))
             return gpu(gen_wrapper, duration=duration)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            call = limits.Call(cap)
-            with manager.call_lock, limits.active(call):
-                try:
-                    return handler(*args, **kwargs)
-                finally:
-                    call.end()
+            return limits.exclusive(lock, cap, handler, *args, **kwargs)
         return gpu(wrapper, duration=duration)
     return decorate
 

@@ -1,8 +1,8 @@
-"""Fine-tune (QLoRA) tab: validate a dataset, configure a run, follow its loss, stop or resume it.
+"""Fine-tune (QLoRA) tab: validate a dataset, configure a run, follow its loss, stop or resume it, try the adapter.
 
 Training runs in its own process (finetune.train) driven by finetune.runner.TrainingRunner; this
 module only turns widget values into plain values and back. ``_layout`` places the components;
-``_wire_dataset``, ``_wire_config``, ``_wire_run`` and ``_wire_api`` connect their events.
+``_wire_dataset``, ``_wire_config``, ``_wire_run``, ``_wire_try`` and ``_wire_api`` connect their events.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from finetune.config import (
     parse_config,
     with_preset,
 )
+from finetune.examples import INVENTED_FACTS, ExampleDataset
 from finetune.runner import ACTIVE_STATES, TrainingRunner
+from models import adapters
 from models.checks import check_number
 from models.errors import InvalidRequest
-from tabs.common import user_errors
+from tabs.common import GPU_QUEUE, model_call, user_errors
 
 POLL_SECONDS = 2
 LOSS_COLORS = {"train": "#6366f1", "eval": "#f59e0b"}
@@ -34,7 +36,9 @@ LOSS_COLORS = {"train": "#6366f1", "eval": "#f59e0b"}
 FORM_FIELDS = ("base_model", "adapter_name", "quantization", "lora_r", "lora_alpha", "lora_dropout",
                "target_modules", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum",
                "max_length", "warmup_steps", "scheduler", "seed", "gradient_checkpointing", "eval_steps",
-               "save_steps", "val_fraction")
+               "save_steps", "val_fraction", "processes")
+# "Try the adapter": greedy answers, long enough for a sentence or two, short enough to come back quickly on a CPU.
+TRY_MAX_NEW_TOKENS = 64
 
 
 def upload_path(dataset) -> str | None:
@@ -125,20 +129,94 @@ def status_message(status: dict) -> str:
     return f"Run {status['run_id']} is {state}."
 
 
+def example_config(example: ExampleDataset) -> RunConfig:
+    """The run config an example dataset was made for: its base model, adapter name, quantization and preset."""
+    config = RunConfig(base_model=example.base_model, adapter_name=example.adapter_name,
+                       quantization=example.quantization)
+    return with_preset(config, example.preset)
+
+
+def copy_example(example: ExampleDataset) -> str:
+    """A copy of the example's file in Gradio's upload folder, where the dataset upload's files live.
+
+    Start and Validate accept only uploaded files (``upload_path``); the copy is one, wherever the app runs from.
+    """
+    import secrets
+    import shutil
+    from pathlib import Path
+
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()) / f"example-{secrets.token_hex(8)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(shutil.copy(example.path, folder / example.path.name))
+
+
+def adapter_options(settings, base_model: str, preferred: str | None = None, current: str | None = None
+                    ) -> tuple[list[str], str | None]:
+    """(choices, value) for the "Try the adapter" menu: the saved adapters trained on ``base_model``.
+
+    The value is ``preferred`` (the adapter name in the form) when it is saved, else ``current`` when it is
+    still offered, else the first adapter; None when there is none.
+    """
+    choices = adapters.list_adapters(settings.adapters_dir, base_model) if base_model else []
+    for name in (preferred, current):
+        if name in choices:
+            return choices, name
+    return choices, choices[0] if choices else None
+
+
+def compare_stream(manager, settings, question, base_model, adapter, max_new_tokens: int = TRY_MAX_NEW_TOKENS,
+                   notices: list[str] | None = None):
+    """Yield (base answer, adapter answer) while they stream: the base model first, then with the adapter.
+
+    Both go through the chat path (``models.voice.ChatRequest`` and ``chat_reply``) with greedy decoding,
+    so the only difference between the two answers is the adapter. VQA models need an image: their
+    comparison is the VQA tab's Compare.
+    """
+    from models.voice import ChatRequest, chat_reply
+
+    catalog = manager.catalog
+    if isinstance(base_model, str) and base_model in catalog and catalog.get(base_model).task == "vqa":
+        raise InvalidRequest(f"{base_model} is a VQA model: compare its answers about an image in the Image VQA "
+                             "tab (choose the adapter and tick Compare).")
+    if adapter in (None, "", adapters.NONE):
+        raise InvalidRequest(f"Choose an adapter to compare with {base_model}; train one above if there is none.")
+    # Both requests are built (and checked) before either model runs.
+    requests = [ChatRequest.build(catalog, settings, message=question, model=base_model, adapter=name, temperature=0,
+                                  max_new_tokens=max_new_tokens) for name in (adapters.NONE, adapter)]
+    base = tuned = ""
+    for base in chat_reply(manager, requests[0], notices=notices):
+        yield base, tuned
+    for tuned in chat_reply(manager, requests[1], notices=notices):
+        yield base, tuned
+
+
+def compare_answers(manager, settings, question, base_model, adapter,
+                    max_new_tokens: int = TRY_MAX_NEW_TOKENS) -> tuple[str, str]:
+    """The base model's and the adapter's whole answers to ``question``, side by side (see ``compare_stream``)."""
+    answers = ("", "")
+    for answers in compare_stream(manager, settings, question, base_model, adapter, max_new_tokens):  # noqa: B007
+        continue
+    return answers
+
+
 def build(manager, settings) -> None:
     runner = TrainingRunner(settings, manager)
     atexit.register(runner.close)  # a run still going when the app exits stops with a checkpoint
     defaults = RunConfig(base_model=manager.catalog.default_for("chat", settings.offline))
-    ui = _layout(manager, defaults)
+    ui = _layout(manager, settings, defaults)
     _wire_dataset(runner, ui)
+    _wire_example(manager, ui)
     _wire_config(manager, settings, ui)
     _wire_run(runner, ui)
+    _wire_try(manager, settings, ui)
     _wire_api(runner, defaults)
 
 
 # ---- layout ---------------------------------------------------------------------------------------
 
-def _layout(manager, defaults: RunConfig) -> SimpleNamespace:
+def _layout(manager, settings, defaults: RunConfig) -> SimpleNamespace:
     """The tab's components, by name; ``ui.form`` lists the run settings in ``FORM_FIELDS`` order."""
     ui = SimpleNamespace()
     gr.Markdown("Train a LoRA adapter on a 4-bit base model (QLoRA). Training runs in its own process; "
@@ -158,13 +236,24 @@ def _layout(manager, defaults: RunConfig) -> SimpleNamespace:
             _optimisation_accordion(ui, defaults)
             _yaml_accordion(ui, defaults)
     _run_section(ui)
+    _try_section(ui, manager, settings, defaults)
     ui.form = [getattr(ui, name) for name in FORM_FIELDS]
     return ui
+
+
+def _example_row(ui: SimpleNamespace) -> None:
+    with gr.Row(equal_height=True):
+        ui.load_example = gr.Button(f"Load example: {INVENTED_FACTS.label}", size="sm", scale=1,
+                                    elem_id="ft-load-example")
+        gr.Markdown("Questions about invented things (the capital of the planet Zorblax...) that no model can "
+                    "know: fills in the dataset and the *teach facts* preset. Training takes about 1.5 min on 2 "
+                    "CPU cores; then try the adapter below.")
 
 
 def _dataset_column(ui: SimpleNamespace) -> None:
     ui.dataset = gr.File(label="Dataset (.jsonl, or .zip with the JSONL and its images)",
                          file_types=[".jsonl", ".json", ".zip"], elem_id="ft-dataset")
+    _example_row(ui)
     ui.validate = gr.Button("Validate dataset", elem_id="ft-validate")
     ui.report = gr.JSON(label="Validation report", elem_id="ft-report")
     ui.preview_gallery = gr.Gallery(label="Preview images", height=160, columns=5, visible=False)
@@ -203,6 +292,9 @@ def _optimisation_accordion(ui: SimpleNamespace, defaults: RunConfig) -> None:
             ui.eval_steps = gr.Number(defaults.eval_steps, label="Evaluate every N steps (0 = at end)", precision=0)
             ui.save_steps = gr.Number(defaults.save_steps, label="Save every N steps (0 = at end)", precision=0)
             ui.val_fraction = gr.Number(defaults.val_fraction, label="Validation fraction", minimum=0, maximum=0.5)
+            ui.processes = gr.Number(defaults.processes, label="Processes (one per GPU; DDP)", precision=0, minimum=1,
+                                     info="Several processes train data-parallel through torchrun; on a CPU they "
+                                          "share its cores")
 
 
 def _yaml_accordion(ui: SimpleNamespace, defaults: RunConfig) -> None:
@@ -233,6 +325,27 @@ def _run_section(ui: SimpleNamespace) -> None:
     ui.timer = gr.Timer(POLL_SECONDS, active=False)
 
 
+def _try_section(ui: SimpleNamespace, manager, settings, defaults: RunConfig) -> None:
+    chat_model = manager.catalog.get(defaults.base_model).task == "chat"
+    choices, value = adapter_options(settings, defaults.base_model, defaults.adapter_name)
+    with gr.Accordion("Try the adapter", open=True):
+        gr.Markdown("Ask the base model chosen above the same question without and with a saved adapter "
+                    "(greedy decoding), side by side.")
+        ui.try_vqa_hint = gr.Markdown("VQA models answer about an image: compare them in the **Image VQA** tab "
+                                      "(choose the adapter and tick **Compare**).", visible=not chat_model)
+        with gr.Row(equal_height=True):
+            ui.try_question = gr.Textbox(label="Question", scale=4, elem_id="ft-try-question",
+                                         placeholder="What is the capital of the planet Zorblax?")
+            ui.try_adapter = gr.Dropdown(choices, value=value, label="Adapter", scale=2, elem_id="ft-try-adapter")
+            ui.try_refresh = gr.Button("Refresh adapters", size="sm", scale=1)
+        ui.try_ask = gr.Button("Ask both", interactive=chat_model, elem_id="ft-try-ask")
+        with gr.Row():
+            ui.try_base = gr.Textbox(label="Base model's answer", lines=3, interactive=False, elem_id="ft-try-base")
+            ui.try_tuned = gr.Textbox(label="Answer with the adapter", lines=3, interactive=False,
+                                      elem_id="ft-try-tuned")
+        ui.try_notes = gr.Markdown(elem_id="ft-try-notes")
+
+
 # ---- events: thin wrappers over runner/config functions -------------------------------------------
 
 def _wire_dataset(runner: TrainingRunner, ui: SimpleNamespace) -> None:
@@ -248,6 +361,23 @@ def _wire_dataset(runner: TrainingRunner, ui: SimpleNamespace) -> None:
     ui.validate.click(user_errors(validate_ui), inputs=[ui.dataset, ui.base_model, ui.max_length, ui.val_fraction,
                                                         ui.seed],
                       outputs=[ui.report, ui.preview_gallery, ui.preview_table], api_visibility="private")
+
+
+def _wire_example(manager, ui: SimpleNamespace) -> None:
+    def example_loaded():
+        example = INVENTED_FACTS
+        if example.base_model not in manager.catalog:
+            raise InvalidRequest(f"The example needs {example.base_model}, which this app's catalog does not have.")
+        if not example.path.is_file():
+            raise InvalidRequest(f"The example dataset {example.path} is missing from this installation.")
+        config = example_config(example)
+        # The previous dataset's report and preview no longer apply.
+        return [copy_example(example), example.preset, *config_to_form(config), config_yaml(config),
+                example.questions()[0][0], None, gr.update(value=None, visible=False), None]
+
+    ui.load_example.click(user_errors(example_loaded), inputs=None,
+                          outputs=[ui.dataset, ui.preset, *ui.form, ui.config_text, ui.try_question, ui.report,
+                                   ui.preview_gallery, ui.preview_table], api_visibility="private")
 
 
 def _wire_config(manager, settings, ui: SimpleNamespace) -> None:
@@ -319,6 +449,29 @@ def _wire_run(runner: TrainingRunner, ui: SimpleNamespace) -> None:
     ui.stop.click(user_errors(stop_ui), inputs=ui.run_id, outputs=outputs, api_visibility="private", queue=False)
     ui.timer.tick(user_errors(poll), inputs=ui.run_id, outputs=outputs, api_visibility="private", queue=False,
                   show_progress="hidden")
+
+
+def _wire_try(manager, settings, ui: SimpleNamespace) -> None:
+    def adapters_listed(base_model, preferred, current):
+        chat_model = base_model in manager.catalog and manager.catalog.get(base_model).task == "chat"
+        choices, value = adapter_options(settings, base_model, preferred, current)
+        return gr.update(choices=choices, value=value), gr.update(visible=not chat_model), \
+            gr.update(interactive=chat_model)
+
+    @model_call(manager)
+    def ask_both(question, base_model, adapter):
+        notices: list[str] = []
+        for base, tuned in compare_stream(manager, settings, question, base_model, adapter, notices=notices):
+            yield base, tuned, "\n".join(f"- {line}" for line in dict.fromkeys(notices))
+
+    listing = dict(fn=user_errors(adapters_listed), inputs=[ui.base_model, ui.adapter_name, ui.try_adapter],
+                   outputs=[ui.try_adapter, ui.try_vqa_hint, ui.try_ask], api_visibility="private", queue=False,
+                   show_progress="hidden")
+    # A finished run changes the status message: its adapter is offered at once.
+    gr.on([ui.base_model.change, ui.try_refresh.click, ui.message.change], **listing)
+    gr.on([ui.try_ask.click, ui.try_question.submit], ask_both,
+          inputs=[ui.try_question, ui.base_model, ui.try_adapter], outputs=[ui.try_base, ui.try_tuned, ui.try_notes],
+          api_visibility="private", **GPU_QUEUE)
 
 
 def _wire_api(runner: TrainingRunner, defaults: RunConfig) -> None:

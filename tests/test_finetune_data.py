@@ -240,4 +240,6 @@ def test_config_yaml_json_and_dict_round_trip(tmp_path, catalog):
     with pytest.raises(ValueError, match="Unknown preset"):
         with_preset(config, "fastest")
     assert cli_command(tmp_path / "run.yaml") == f"python -m finetune.train {tmp_path / 'run.yaml'}"
-    assert cli_command("run.yaml", accelerate=True) == "accelerate launch -m finetune.train run.yaml"
+    assert cli_command("run.yaml", 2, accelerate=True) == (
+        "accelerate launch --num_processes 2 -m finetune.train run.yaml")
+    assert cli_command("run.yaml", 4) == "torchrun --standalone --nproc_per_node 4 -m finetune.train run.yaml"

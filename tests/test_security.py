@@ -45,8 +45,11 @@ def test_binds_localhost_unless_a_host_is_given(monkeypatch):
     settings = settings_from_args([])
     assert settings.host == "127.0.0.1" and not settings.share
 
-    class Manager:  # launch_kwargs only needs something to hand to the /health route
-        budget = 0
+    from models.catalog import Catalog
+    from models.manager import ModelManager
+
+    def Manager():  # noqa: N802 - a real manager: launch_kwargs hands it to /health and the /v1 routes
+        return ModelManager(Catalog.load(), settings)
 
     kwargs = app.launch_kwargs(settings, Manager())
     assert kwargs["server_name"] == "127.0.0.1"
@@ -85,11 +88,11 @@ def test_auth_is_required_and_never_logged(tmp_path):
 def test_upload_limit_comes_from_the_settings(tmp_path):
     import app
 
-    class Manager:
-        budget = 0
+    from models.catalog import Catalog
+    from models.manager import ModelManager
 
     settings = make_settings(tmp_path, max_upload_mb=7)
-    kwargs = app.launch_kwargs(settings, Manager())
+    kwargs = app.launch_kwargs(settings, ModelManager(Catalog.load(), settings))
     assert kwargs["max_file_size"] == "7mb"
     # at most the folder of generated outputs, never the cache, the models or the working directory
     assert set(kwargs["allowed_paths"]) <= {str(settings.outputs_dir)}
