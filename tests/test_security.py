@@ -87,7 +87,6 @@ def test_auth_is_required_and_never_logged(tmp_path):
 
 def test_upload_limit_comes_from_the_settings(tmp_path):
     import app
-
     from models.catalog import Catalog
     from models.manager import ModelManager
 
