@@ -280,7 +280,8 @@ class Routes:
         else:
             voice = "default"
         request = SpeakRequest.build(self.catalog, self.settings, text=body.get("input"), model=model, speaker=voice,
-                                     speed=body.get("speed", 1.0))
+                                     speed=body.get("speed", 1.0), noise_scale=body.get("noise_scale"),
+                                     noise_w=body.get("noise_w"))
         (rate, samples), _ = self.run(speak_text, self.manager, request)
         buffer = io.BytesIO()
         sf.write(buffer, samples, rate, format=SPEECH_FORMATS[fmt][0])
