@@ -63,17 +63,20 @@ def make_recipe(*, limits: Limits | None = None, **values) -> dict:
     return {"format": RECIPE_FORMAT, **check_fields(values, limits or Limits())}
 
 
-def check_fields(recipe: dict, limits: Limits, where: str = "The recipe's") -> dict:
-    """The RECIPE_FIELDS of ``recipe``, in that order, each of the right type and in range.
+def check_fields(recipe: dict, limits: Limits, where: str = "The recipe's", fields=RECIPE_FIELDS,
+                 number_ranges=NUMBER_RANGES, name_chars=NAME_CHARS) -> dict:
+    """The ``fields`` of ``recipe`` (an image's RECIPE_FIELDS by default), in that order, each of the right
+    type and in range: numbers by ``number_ranges`` (integer?, low, high; high None is the image side
+    limit), text no longer than ``name_chars`` (the text limit for fields not named there).
 
     Raises:
         InvalidRequest: naming the first bad field and quoting (at most ~200 characters of) its value.
     """
     checked = {}
-    for name in RECIPE_FIELDS:
+    for name in fields:
         value = recipe[name]
-        if name in NUMBER_RANGES:
-            integer, low, high = NUMBER_RANGES[name]
+        if name in number_ranges:
+            integer, low, high = number_ranges[name]
             high = limits.image_side if high is None else high
             kind = "a whole number" if integer else "a number"
             # bool is an int to Python, but not to a recipe; NaN and infinities fail the range
@@ -82,7 +85,7 @@ def check_fields(recipe: dict, limits: Limits, where: str = "The recipe's") -> d
             if not ok:
                 raise InvalidRequest(f"{where} {name} must be {kind} from {low} to {high}, got {quote(value)}")
         else:
-            max_chars = NAME_CHARS.get(name, limits.text_chars)
+            max_chars = name_chars.get(name, limits.text_chars)
             if not isinstance(value, str):
                 raise InvalidRequest(f"{where} {name} must be text, got {type(value).__name__} {quote(value)}")
             if len(value) > max_chars:

@@ -18,7 +18,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "nf4")
 
 
 def model_defaults(manager, model_id: str) -> dict:
-    """Sizes, steps and guidance the model was made for, and the limits the controls allow."""
+    """Sizes, steps and guidance the model was made for, and the limits the controls allow (the tab's
+    sliders take these when the model changes)."""
     from models.families import diffusion
 
     spec = check_model(manager.catalog, model_id, TASK)
@@ -105,7 +106,9 @@ def txt2img(manager, settings, request: Txt2ImgRequest, *, stop: threading.Event
         "model": spec.id, "seed": image_request.seed, "seeds": result.seeds, "width": image_request.width,
         "height": image_request.height, "steps": image_request.steps, "steps_done": result.steps_done,
         "guidance": image_request.guidance, "scheduler": image_request.scheduler, "style": image_request.style,
-        "num_images": image_request.num_images, "stopped": result.stopped, "files": files,
+        "num_images": image_request.num_images, "batch_size": min(image_request.batch_size, image_request.num_images),
+        "pipeline_calls": result.pipeline_calls, "stopped": result.stopped, "stopped_at": result.stopped_at,
+        "files": files,
         "attention_backend": result.attention_backend, "device": device, "precision": loaded_precision,
         "safety_checker": "on" if (image_request.safety_checker and has_checker) else
         ("off" if has_checker else f"none ({spec.id} ships no safety checker)"),

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,18 @@ def pixels(path):
 
 def nothing_pinned(manager) -> bool:
     return not any(entry["pinned"] for entry in manager.snapshot())
+
+
+def assert_batch_close(batched, alone, tolerance=None) -> None:
+    """An image made in a batch equals the same seed made alone, within the documented tolerance."""
+    import numpy as np
+
+    from models.families.diffusion import BATCH_TOLERANCE
+
+    tolerance = tolerance or BATCH_TOLERANCE
+    difference = np.abs(np.asarray(batched, dtype=int) - np.asarray(alone, dtype=int))
+    assert difference.max() <= tolerance["max"] and difference.mean() <= tolerance["mean"], (
+        f"batched vs alone: max {difference.max()}, mean {difference.mean():.4f} (tolerance {tolerance})")
 
 
 def recipe(**overrides) -> dict:
@@ -247,7 +260,81 @@ def test_txt2img_saves_pngs_that_reproduce(manager, settings):
     values, notices = recipe_controls(manager, first)
     assert values["num_images"] == 1 and not notices
     again, _ = generate(manager, settings, **values)
-    assert (pixels(again[0][0]) == pixels(gallery[0][0])).all(), "the PNG's recipe re-makes the same pixels"
+    assert_batch_close(pixels(gallery[0][0]), pixels(again[0][0]))  # the PNG's recipe re-makes its pixels
+    assert nothing_pinned(manager)
+
+
+def test_a_batch_is_one_call_and_each_image_reproduces_alone(manager, settings):
+    """Four images in one pipeline call (the UNet sees 4 x 2 latents with CFG), one CPU generator per image
+    seeded seed + i; each image then equals its own single-image run within BATCH_TOLERANCE."""
+    from models.text_to_image import png_info, recipe_controls
+
+    values = dict(model=TINY, width=64, height=64, steps=3, guidance=5.0, seed=100, scheduler="Euler a")
+    batch_sizes, progress = [], []
+    with manager.use(TINY) as handle:
+        hook = handle.pipe.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    del handle
+    try:
+        gallery, info = generate(manager, settings, "a red boat", negative_prompt="fog", num_images=4, **values,
+                                 on_step=lambda done, total: progress.append((done, total)))
+        assert (info["pipeline_calls"], info["batch_size"]) == (1, 4) and set(batch_sizes) == {8}
+        assert progress == [(4 * step, 12) for step in range(1, 4)], "steps counted per image: 4 per step"
+        assert info["seeds"] == [100, 101, 102, 103] and info["steps_done"] == 12
+        batch_sizes.clear()
+        for index, (path, _) in enumerate(gallery):
+            controls, _ = recipe_controls(manager, png_info(path))
+            assert controls["seed"] == 100 + index
+            alone, _ = generate(manager, settings, **controls)
+            assert_batch_close(pixels(path), pixels(alone[0][0]))
+        assert set(batch_sizes) == {2}, "a recipe re-makes its image alone"
+    finally:
+        hook.remove()
+    assert not (pixels(gallery[0][0]) == pixels(gallery[1][0])).all(), "seed + 1 draws another image"
+    assert nothing_pinned(manager)
+
+
+def test_a_batch_the_budget_cannot_hold_is_made_in_smaller_calls(manager, settings, catalog):
+    from models.families import diffusion
+
+    spec = catalog.get(TINY)
+    weights = spec.estimate_bytes("fp32")
+    two = weights + diffusion.activation_bytes(spec, "fp32", 128, 128, 4, False, False, batch_size=2)
+    three = weights + diffusion.activation_bytes(spec, "fp32", 128, 128, 4, False, False, batch_size=3)
+    manager.budget = (two + three) // 2
+    gallery, info = generate(manager, settings, "x", model=TINY, width=128, height=128, steps=2, seed=7, num_images=4)
+    assert (info["batch_size"], info["pipeline_calls"], len(gallery)) == (2, 2, 4)
+    assert any("allows 2 of the 4 images in one pipeline call; they are made in 2 calls" in n for n in info["notices"])
+    manager.budget = 10 * three
+    whole, info = generate(manager, settings, "x", model=TINY, width=128, height=128, steps=2, seed=7, num_images=4)
+    assert (info["batch_size"], info["pipeline_calls"]) == (4, 1)
+    for halves, together in zip(gallery, whole, strict=True):
+        assert_batch_close(pixels(halves[0]), pixels(together[0]))
+    manager.budget = weights + diffusion.activation_bytes(spec, "fp32", 128, 128, 4, False, False) - 1
+    with pytest.raises(ValueError, match="memory budget"):
+        generate(manager, settings, "x", model=TINY, width=128, height=128, steps=2, num_images=4)
+
+
+@pytest.mark.parametrize(("batch", "stop_at", "message", "kept"), [
+    (1, 13, "Stopped at step 3 of 10 of image 2 of 4; kept 1 finished image.", 1),
+    (4, 12, "Stopped at step 3 of 10 of images 1-4 (made together) of 4; kept 0 finished images.", 0),
+    (2, 20, "Stopped before image 3 of 4; kept 2 finished images.", 2),
+])
+def test_stop_says_where_each_image_was(manager, settings, catalog, batch, stop_at, message, kept):
+    from models.families import diffusion
+
+    spec = catalog.get(TINY)
+    manager.budget = spec.estimate_bytes("fp32") + diffusion.activation_bytes(spec, "fp32", 64, 64, 4, False, False,
+                                                                              batch_size=batch)
+    stop = threading.Event()
+
+    def on_step(done, total):
+        if done >= stop_at:
+            stop.set()
+
+    gallery, info = generate(manager, settings, "x", model=TINY, steps=10, seed=1, num_images=4, stop=stop,
+                             on_step=on_step)
+    assert info["stopped"] and len(gallery) == kept and info["batch_size"] == batch
+    assert message in info["notices"], info["notices"]
     assert nothing_pinned(manager)
 
 
@@ -262,7 +349,8 @@ def test_stop_interrupts_at_the_next_step_and_unpins(manager, settings):
 
     gallery, info = generate(manager, settings, "x", model=TINY, steps=10, seed=1, stop=stop, on_step=on_step)
     assert info["stopped"] and info["steps_done"] == 1 and seen == [1]
-    assert gallery == [] and any("Stopped after 1 of 10 steps; kept 0" in n for n in info["notices"])
+    assert gallery == [] and "Stopped at step 1 of 10 of image 1 of 1; kept 0 finished images." in info["notices"]
+    assert info["stopped_at"] == {"first": 1, "last": 1, "step": 1, "steps": 10}
     assert nothing_pinned(manager)
     stop.clear()
     gallery, info = generate(manager, settings, "x", model=TINY, steps=2, seed=1, stop=stop)
@@ -270,8 +358,70 @@ def test_stop_interrupts_at_the_next_step_and_unpins(manager, settings):
     assert manager.unload(TINY) and not manager.leaks, "nothing the run held outlives the unload"
 
 
+# ---- the tab: one-line run info, Reuse seed, the selected image, sliders that follow the model ----------
+
+def test_run_summary_is_one_readable_line():
+    from tabs.text_to_image import INFO_PLACEHOLDER, run_summary
+
+    image = {"model": TINY, "seed": 42, "seeds": [42], "width": 64, "height": 96, "steps": 4, "seconds": 0.31,
+             "device": "cpu", "precision": "fp32", "attention_backend": "SDPA", "stopped": False}
+    assert run_summary(image) == "seed 42 · 64×96 · 4 steps · 0.31 s · tiny-sd · cpu · fp32 · SDPA"
+    batch = {**image, "seeds": [42, 43, 44], "pipeline_calls": 1, "stopped": True}
+    assert run_summary(batch).startswith("**Stopped** · seeds 42–44 · 3 images in 1 call · 64×96")
+    video = {**image, "mode": "video", "motion_adapter": "tiny-motion", "frames": 16, "fps": 8,
+             "duration_seconds": 2.0}
+    assert "16 frames at 8 fps (2 s)" in run_summary(video) and "tiny-motion on tiny-sd" in run_summary(video)
+    assert run_summary(None) == INFO_PLACEHOLDER and "seed" not in INFO_PLACEHOLDER, "the browser test waits for it"
+
+
+def test_reuse_seed_and_the_selected_image(tmp_path):
+    from tabs.text_to_image import seed_to_reuse, selected_image
+
+    files = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for file in files:
+        Path(file).write_bytes(b"png")
+    info = {"seed": 10, "seeds": [10, 11, 12], "files": files}
+    assert seed_to_reuse(info, files[2], files) == 12, "the selected image's own seed"
+    assert seed_to_reuse(info, None, files) == 10 and seed_to_reuse({"mode": "video", "seed": 5}, files[1], files) == 5
+    with pytest.raises(ValueError, match="Generate an image first"):
+        seed_to_reuse(None, None, [])
+    assert selected_image(files[1]) == files[1]
+    for nothing in (None, ""):
+        with pytest.raises(ValueError, match="Generate an image first"):
+            selected_image(nothing)
+    Path(files[1]).unlink()
+    with pytest.raises(ValueError, match="1.png\\) is no longer on disk"):
+        selected_image(files[1])
+
+
+def test_sliders_take_the_models_limits_and_the_api_keeps_wide_bounds(manager, settings):
+    import gradio as gr
+
+    from tabs import text_to_image as tab
+
+    with gr.Blocks() as demo:
+        ui = tab.build(manager, settings)
+    assert (ui.width.maximum, ui.height.maximum, ui.steps.maximum) == (512, 512, 50), "tiny-sd's own limits"
+    assert (ui.api.width.maximum, ui.api.steps.maximum) == (2048, 100), "the API's inputs cover every model"
+    assert ui.ask_vqa.elem_id == "t2i-ask-vqa" and isinstance(ui.selected_image, gr.State)
+    assert {ui.prompt.elem_id, ui.run.elem_id, ui.gallery.elem_id, ui.info.elem_id, ui.stop.elem_id,
+            ui.backend.elem_id} == {"t2i-prompt", "t2i-generate", "t2i-gallery", "t2i-info", "t2i-stop", "t2i-backend"}
+    handlers = {fn.fn.__name__: fn.fn for fn in demo.fns.values() if fn.fn is not None}
+    updates = handlers["on_model_change"]("Image", "stabilityai/stable-diffusion-xl-base-1.0", "tiny-motion")
+    width, height, steps = updates[2], updates[3], updates[4]
+    assert (width["value"], width["maximum"], height["maximum"]) == (1024, 2048, 2048)
+    assert (steps["value"], steps["maximum"]) == (30, 100)
+    updates = handlers["on_model_change"]("Image", TINY, "tiny-motion")
+    assert (updates[2]["maximum"], updates[4]["maximum"]) == (512, 50)
+    # Video mode: the adapter's steps (Lightning: 4 of at most 8) and a base it can animate
+    updates = handlers["on_video_input"]("Video", "stabilityai/sdxl-turbo", "ByteDance/AnimateDiff-Lightning")
+    assert updates[0]["value"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (updates[4]["value"], updates[4]["maximum"], updates[5], updates[6]) == (4, 8, 1.0, 16)
+    assert tab.slider_limits(manager, "Video", TINY, "tiny-motion")["frames"] == 8
+
+
 def test_stop_registry_is_per_session():
-    from tabs.text_to_image import StopRegistry
+    from tabs.common import StopRegistry
 
     stops = StopRegistry()
     assert not stops.stop("alice"), "nothing running"
@@ -378,5 +528,25 @@ def test_cuda_fp16_nf4_offload_and_release(tmp_path):
     _, info = generate(manager, settings, "x", model=TINY, steps=2, seed=5, precision="nf4")
     with manager.use(TINY, "nf4") as handle:
         assert any("4bit" in type(m).__name__ for m in handle.pipe.unet.modules())
+    manager.unload_all()
+    assert not manager.leaks
+
+
+@pytest.mark.gpu
+def test_cuda_batch_matches_single_runs_within_the_gpu_tolerance(tmp_path):
+    """fp16 on CUDA rounds more coarsely than fp32 on CPU: a batch of 4 in one call against each image alone."""
+    from conftest import make_settings
+
+    from models.catalog import Catalog
+    from models.families.diffusion import GPU_BATCH_TOLERANCE
+    from models.manager import ModelManager
+
+    settings = make_settings(tmp_path, device="cuda")
+    manager = ModelManager(Catalog.load(), settings)
+    gallery, info = generate(manager, settings, "a red boat", model=TINY, steps=4, seed=11, num_images=4)
+    assert (info["pipeline_calls"], info["precision"], len(gallery)) == (1, "fp16", 4)
+    for index, (path, _) in enumerate(gallery):
+        alone, _ = generate(manager, settings, "a red boat", model=TINY, steps=4, seed=11 + index)
+        assert_batch_close(pixels(path), pixels(alone[0][0]), GPU_BATCH_TOLERANCE)
     manager.unload_all()
     assert not manager.leaks

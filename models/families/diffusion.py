@@ -4,6 +4,11 @@ Defaults follow the catalog ``variant`` (sd15 | turbo | sdxl | sdxl-turbo | tiny
 validated before anything is loaded (``check_request``), so bad input never pins a model; a folder
 that is not a complete text-to-image pipeline is refused before its weights load. ``build_tiny``
 builds tiny-sd and the random-weight twins of the four hub architectures (``TWIN_ARCHS``).
+
+Text to video: the catalog's ``text-to-video`` entries of this family are AnimateDiff motion
+adapters (``MotionAdapter``; variant animatediff | lightning | tiny). ``animate`` runs one on a
+loaded SD 1.5-family pipeline through ``AnimateDiffPipeline``, whose motion UNet shares the base
+UNet's and the adapter's weights (nothing is copied); ``build_tiny`` builds ``tiny-motion``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ VARIANTS = {
 }
 MIN_SIDE = 64
 MAX_IMAGES = 4
+# How far an image made in a batch may differ from the same seed made alone, in levels of 255 per
+# channel. Batched convolutions and matmuls sum in another order, so the float results differ by
+# rounding (about 2e-6 in fp32), which moves a few pixels across a rounding boundary: measured on
+# the tiny models on CPU in fp32, at most 1 level in under 0.01 % of the values. fp16 on CUDA
+# rounds more coarsely (``GPU_BATCH_TOLERANCE``, checked by a gpu-marked test).
+BATCH_TOLERANCE = {"max": 2, "mean": 0.05}
+GPU_BATCH_TOLERANCE = {"max": 32, "mean": 1.0}
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
@@ -151,10 +163,17 @@ class ImageRequest:
     vae_tiling: bool = False
     cpu_offload: bool = False
     safety_checker: bool = SAFETY_DEFAULT
+    batch_size: int = MAX_IMAGES  # images per pipeline call (fewer when the memory budget says so)
 
     @property
     def seeds(self) -> list[int]:
         return [(self.seed + index) % (MAX_SEED + 1) for index in range(self.num_images)]
+
+    @property
+    def batches(self) -> list[list[int]]:
+        """The seeds of each pipeline call, in order."""
+        size = max(1, min(self.batch_size, self.num_images))
+        return [self.seeds[start:start + size] for start in range(0, self.num_images, size)]
 
 
 def clean_text(name: str, value) -> str:
@@ -163,18 +182,31 @@ def clean_text(name: str, value) -> str:
 
 
 def activation_bytes(spec: ModelSpec, precision_name: str, width: int, height: int, num_images: int,
-                     attention_slicing: bool, vae_tiling: bool) -> int:
+                     attention_slicing: bool, vae_tiling: bool, batch_size: int = 1) -> int:
     """Rough peak working memory of one request beyond the weights (latents, attention, VAE decode).
 
-    ``generate`` makes the images one pipeline call at a time, so the peak is one image's work plus
-    the finished images it keeps (3 bytes a pixel). VAE tiling only helps for images larger than the
-    VAE's tile (1024 px for SDXL), attention slicing always does.
+    ``generate`` makes ``batch_size`` images in each pipeline call, so the peak is that many images'
+    work plus the finished images it keeps (3 bytes a pixel). VAE tiling only helps for images larger
+    than the VAE's tile (1024 px for SDXL), attention slicing always does.
     """
     defaults = defaults_for(spec)
     per_pixel = defaults.activation_bytes_per_pixel * (2 if precision_name == "fp32" else 1)
     if attention_slicing or (vae_tiling and max(width, height) > defaults.vae_tile):
         per_pixel //= 2
-    return int(width * height * (per_pixel + 3 * num_images))
+    return int(width * height * (per_pixel * batch_size + 3 * num_images))
+
+
+def batch_size_for(spec: ModelSpec, precision_name: str, width: int, height: int, num_images: int,
+                   attention_slicing: bool, vae_tiling: bool, budget_bytes: int | None) -> int:
+    """The most images one pipeline call may make within the budget (0: not even one fits)."""
+    if budget_bytes is None:
+        return num_images
+    weights = spec.estimate_bytes(precision_name)
+    for size in range(num_images, 0, -1):
+        if weights + activation_bytes(spec, precision_name, width, height, num_images, attention_slicing,
+                                      vae_tiling, size) <= budget_bytes:
+            return size
+    return 0
 
 
 def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none", width=None, height=None,
@@ -223,21 +255,26 @@ def check_request(spec: ModelSpec, *, prompt="", negative_prompt="", style="none
     seed = check_number("seed", -1 if seed is None else seed, -1, MAX_SEED, True, " (-1 picks a random seed)")
     if seed == -1:
         seed = secrets.randbelow(MAX_SEED + 1)
-    if budget_bytes is not None:
+    batch_size = batch_size_for(spec, precision_name, width, height, num_images, attention_slicing, vae_tiling,
+                                budget_bytes)
+    if not batch_size:
         needed = spec.estimate_bytes(precision_name) + activation_bytes(
             spec, precision_name, width, height, num_images, attention_slicing, vae_tiling)
-        if needed > budget_bytes:
-            raise TooLarge(
-                f"{width}x{height} x {num_images} image(s) needs about {format_bytes(needed)} with {spec.id}, "
-                f"more than the {format_bytes(budget_bytes)} memory budget. Lower the size or the number of "
-                "images, enable attention slicing / VAE tiling, or raise --memory-budget.")
+        raise TooLarge(
+            f"{width}x{height} x {num_images} image(s) needs about {format_bytes(needed)} with {spec.id}, "
+            f"more than the {format_bytes(budget_bytes)} memory budget. Lower the size or the number of "
+            "images, enable attention slicing / VAE tiling, or raise --memory-budget.")
+    if batch_size < num_images:
+        calls = -(-num_images // batch_size)
+        notices.append(f"The memory budget allows {batch_size} of the {num_images} images in one pipeline call; "
+                       f"they are made in {calls} calls.")
     if guidance <= 1.0 and negative_prompt.strip():
         notices.append("Guidance is at most 1, so classifier-free guidance is off and the negative prompt "
                        "has no effect.")
     request = ImageRequest(prompt=prompt, negative_prompt=negative_prompt, style=style, width=width, height=height,
                            steps=steps, guidance=guidance, seed=seed, num_images=num_images, scheduler=scheduler,
                            attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload,
-                           safety_checker=safety_checker)
+                           safety_checker=safety_checker, batch_size=batch_size)
     return request, notices
 
 
@@ -385,9 +422,11 @@ def check_tokenizers(spec: ModelSpec, pipe) -> None:
                 f"{window} positions; set \"model_max_length\": {window} in {name}/tokenizer_config.json")
 
 
-def load(spec: ModelSpec, location: str, precision: Precision) -> DiffusionHandle:
+def load(spec: ModelSpec, location: str, precision: Precision) -> DiffusionHandle | MotionHandle:
     from diffusers import AutoPipelineForText2Image
 
+    if spec.task == VIDEO_TASK:
+        return load_motion_adapter(spec, location, precision)
     if precision.name == "nf4" and precision.device != "cuda":
         raise InvalidRequest("4-bit (nf4) diffusion needs CUDA; choose fp32 on this machine")
     variant = variant_of(spec)
@@ -408,8 +447,11 @@ def load(spec: ModelSpec, location: str, precision: Precision) -> DiffusionHandl
                            default_scheduler=pipe.scheduler)
 
 
-def release(handle: DiffusionHandle) -> None:
+def release(handle: DiffusionHandle | MotionHandle) -> None:
     """Undo model CPU offload (accelerate hooks keep references) and drop the handle's references."""
+    if isinstance(handle, MotionHandle):
+        handle.adapter = None
+        return
     pipe = handle.pipe
     if pipe is not None:
         if handle.offloaded:
@@ -432,6 +474,9 @@ def build_tiny(folder: Path, arch: str = "") -> None:
     """
     if not arch:
         build_tiny_sd(folder)
+        return
+    if arch in MOTION_ARCHS:
+        build_tiny_motion(folder, arch)
         return
     if arch not in TWIN_ARCHS:
         raise ValueError(f"unknown diffusion twin architecture {arch!r}; use one of {', '.join(TWIN_ARCHS)}")
@@ -661,12 +706,14 @@ def build_sdxl_twin(folder: Path, arch: str) -> None:
 class GenerationResult:
     images: list
     seeds: list[int]
-    steps_done: int
+    steps_done: int  # denoising steps summed over the images (a batch of 4 counts 4 per step)
     stopped: bool
     nsfw_flagged: list[bool]
     notices: list[str]
     attention_backend: str
     seconds: float
+    pipeline_calls: int = 0
+    stopped_at: dict | None = None  # where Stop cut the run: first/last image (1-based), step, steps
 
 
 def token_overflow(tokenizer, text: str) -> str:
@@ -748,15 +795,28 @@ def attention_label(handle: DiffusionHandle) -> str:
     return f"{handle.attention_backend} + attention slicing" if handle.attention_slicing else handle.attention_backend
 
 
+def stop_notice(stopped_at: dict, num_images: int, kept: int) -> str:
+    """What Stop cut, per image: "Stopped at step 3 of 10 of image 2 of 4; kept 1 finished image."."""
+    first, last, step, steps = (stopped_at[key] for key in ("first", "last", "step", "steps"))
+    kept_words = f"kept {kept} finished image{'' if kept == 1 else 's'}"
+    if step == 0:
+        return f"Stopped before image {first} of {num_images}; {kept_words}."
+    which = f"image {first}" if first == last else f"images {first}-{last} (made together)"
+    return f"Stopped at step {step} of {steps} of {which} of {num_images}; {kept_words}."
+
+
 def generate(handle: DiffusionHandle, request: ImageRequest, *, styles: dict | None = None,
              stop: threading.Event | None = None, on_step: Callable[[int, int], None] | None = None,
              notices: list[str] | None = None) -> GenerationResult:
     """Run the pipeline for a validated request.
 
-    Image *i* is drawn with a CPU ``torch.Generator`` seeded ``seed + i``, so the same model,
-    settings and seed give the same pixels on any device, and each image can be re-made alone.
-    ``stop`` is checked after every denoising step; once set, the remaining steps are skipped and only
-    images that finished before it are returned.
+    The images are made ``request.batch_size`` at a time in one pipeline call, each with its own CPU
+    ``torch.Generator`` seeded ``seed + i``: image *i* starts from the same noise as a single-image
+    run of seed + *i*, so its recipe re-makes it alone (a batch changes the float rounding, not the
+    picture: see ``BATCH_TOLERANCE``), and the same model, settings and seed give the same pixels on
+    any device. ``on_step(done, total)`` counts denoising steps over all images (a batch of 4 adds 4
+    per step). ``stop`` is checked after every step; once set, the remaining steps are skipped and
+    only images that finished before it are returned.
     """
     import torch
 
@@ -772,17 +832,17 @@ def generate(handle: DiffusionHandle, request: ImageRequest, *, styles: dict | N
     apply_memory_options(handle, request, notices)
     if hasattr(pipe, "safety_checker"):
         pipe.safety_checker = handle.safety_checker if request.safety_checker else None
-    # 3. One pipeline call per image, each with its own CPU generator: batching changes the float
-    #    rounding, so only this way does a PNG's recipe (one seed) re-make exactly the same pixels.
-    total = denoising_steps(pipe.scheduler, request.steps) * request.num_images
-    steps_done = 0
-    images, flagged = [], []
+    # 3. One pipeline call per batch, one CPU generator per image
+    per_image = denoising_steps(pipe.scheduler, request.steps)
+    total = per_image * request.num_images
+    progress = {"done": 0, "step": 0, "batch": 1}
+    images, flagged, stopped_at, calls = [], [], None, 0
 
     def on_step_end(pipeline, step, timestep, callback_kwargs):
-        nonlocal steps_done
-        steps_done += 1
+        progress["step"] += 1
+        progress["done"] += progress["batch"]
         if on_step is not None:
-            on_step(steps_done, total)
+            on_step(progress["done"], total)
         if stop is not None and stop.is_set():
             pipeline._interrupt = True  # diffusers skips the remaining steps
         return callback_kwargs
@@ -791,25 +851,400 @@ def generate(handle: DiffusionHandle, request: ImageRequest, *, styles: dict | N
     kwargs = {"negative_prompt": negative or None} if request.guidance > 1.0 else {}
     try:
         with torch.inference_mode():
-            for seed in request.seeds:
+            for seeds in request.batches:
+                first = len(images) + 1
                 if stop is not None and stop.is_set():
+                    stopped_at = {"first": first, "last": first, "step": 0, "steps": per_image}
                     break
+                progress.update(step=0, batch=len(seeds))
                 output = pipe(prompt=prompt, width=request.width, height=request.height,
                               num_inference_steps=request.steps, guidance_scale=request.guidance,
-                              num_images_per_prompt=1, generator=torch.Generator("cpu").manual_seed(seed),
+                              num_images_per_prompt=len(seeds),
+                              generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
                               callback_on_step_end=on_step_end, output_type="pil", **kwargs)
-                if stop is not None and stop.is_set():
-                    break  # this image was cut short: its pixels are half-denoised noise
+                calls += 1
+                if progress["step"] < per_image:  # cut short: these pixels are half-denoised noise
+                    stopped_at = {"first": first, "last": first + len(seeds) - 1, "step": progress["step"],
+                                  "steps": per_image}
+                    break
                 images.extend(output.images)
                 flagged.extend(getattr(output, "nsfw_content_detected", None) or [False] * len(output.images))
     finally:
         pipe.maybe_free_model_hooks()
-    stopped = bool(stop is not None and stop.is_set())
+    stopped = stopped_at is not None
     if any(flagged):
         notices.append("The safety checker blacked out flagged image(s).")
     if stopped:
-        notices.append(f"Stopped after {steps_done} of {total} steps; kept {len(images)} finished image(s).")
+        notices.append(stop_notice(stopped_at, request.num_images, len(images)))
     return GenerationResult(images=images, seeds=request.seeds,
-                            steps_done=steps_done, stopped=stopped, nsfw_flagged=[bool(f) for f in flagged],
+                            steps_done=progress["done"], stopped=stopped, nsfw_flagged=[bool(f) for f in flagged],
                             notices=notices, attention_backend=attention_label(handle),
-                            seconds=time.perf_counter() - started)
+                            seconds=time.perf_counter() - started, pipeline_calls=calls, stopped_at=stopped_at)
+
+
+# ---- text to video: AnimateDiff motion adapters on an SD 1.5-family base ----------------------------
+
+VIDEO_TASK = "text-to-video"
+
+
+@dataclasses.dataclass(frozen=True)
+class MotionDefaults:
+    """What a motion adapter was made for: steps, guidance, its scheduler, and where its weights are."""
+
+    steps: int
+    guidance: float
+    max_steps: int
+    scheduler: str  # diffusers class, built from the base model's scheduler config with ``scheduler_config``
+    scheduler_config: tuple[tuple[str, object], ...]
+    frames: int = 16
+    checkpoint: str = ""  # a single-file state dict in the repo, loaded into MotionAdapter (else a diffusers folder)
+    checkpoint_repo: str = ""  # the hub repo that publishes it (for the download hint)
+
+
+# AnimateDiff v1.5: DDIM with linear betas and linspace timesteps (its model card). Lightning: the
+# distilled 4-step checkpoint wants Euler with trailing timesteps, linear betas and no CFG.
+_ANIMATEDIFF_DDIM = (("beta_schedule", "linear"), ("clip_sample", False), ("timestep_spacing", "linspace"),
+                     ("steps_offset", 1))
+MOTION_VARIANTS = {
+    "animatediff": MotionDefaults(25, 7.5, 100, "DDIMScheduler", _ANIMATEDIFF_DDIM),
+    "lightning": MotionDefaults(4, 1.0, 8, "EulerDiscreteScheduler",
+                                (("timestep_spacing", "trailing"), ("beta_schedule", "linear")),
+                                checkpoint="animatediff_lightning_4step_diffusers.safetensors",
+                                checkpoint_repo="ByteDance/AnimateDiff-Lightning"),
+    "tiny": MotionDefaults(4, 5.0, 50, "DDIMScheduler", _ANIMATEDIFF_DDIM, frames=8),
+}
+MOTION_ARCHS = ("motion", "motion-lightning")  # offline entries' ``repo``: tiny-motion and the Lightning twin
+MIN_FRAMES, MAX_FRAMES = 8, 32  # AnimateDiff's motion modules hold 32 positions (motion_max_seq_length)
+MIN_FPS, MAX_FPS, DEFAULT_FPS = 4, 30, 8
+DECODE_CHUNK = 4  # frames the VAE decodes at once
+VIDEO_BASE_VARIANTS = ("sd15", "tiny")  # SD 1.5 UNets (tiny-sd is one, shrunk)
+BASE_KINDS = {"turbo": "an SD 2.1 model (SD-Turbo)", "sdxl": "an SDXL model", "sdxl-turbo": "an SDXL model"}
+
+
+def motion_variant_of(spec: ModelSpec) -> str:
+    variant = spec.variant or ("tiny" if spec.source == "offline" else "animatediff")
+    if variant not in MOTION_VARIANTS:
+        raise InvalidRequest(f"{spec.id}: unknown motion adapter variant {variant!r}; use one of "
+                             f"{', '.join(MOTION_VARIANTS)}")
+    return variant
+
+
+def motion_defaults_for(spec: ModelSpec) -> MotionDefaults:
+    return MOTION_VARIANTS[motion_variant_of(spec)]
+
+
+def check_video_base(adapter: ModelSpec, base: ModelSpec, bases: list[str] | None = None) -> None:
+    """InvalidRequest unless ``base`` is an SD 1.5-family model that ``adapter`` fits (checked before loading).
+
+    The random-weight adapter (variant tiny) is sized for tiny-sd, the real ones for SD 1.5 itself.
+    """
+    variant = variant_of(base)
+    choose = f" Choose one of: {', '.join(bases)}." if bases else ""
+    if variant not in VIDEO_BASE_VARIANTS:
+        raise InvalidRequest(f"{adapter.id} is an AnimateDiff motion adapter for Stable Diffusion 1.5, and "
+                             f"{base.id} is {BASE_KINDS.get(variant, variant)}.{choose}")
+    tiny_adapter, tiny_base = motion_variant_of(adapter) == "tiny", variant == "tiny"
+    if tiny_adapter != tiny_base:
+        what = ("a random-weight test adapter sized for tiny-sd" if tiny_adapter
+                else "a real motion adapter, which needs a real SD 1.5 model")
+        raise InvalidRequest(f"{adapter.id} is {what}; {base.id} does not fit it.{choose}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoRequest:
+    """One validated text-to-video request."""
+
+    prompt: str
+    negative_prompt: str
+    style: str
+    width: int
+    height: int
+    frames: int
+    fps: int
+    steps: int
+    guidance: float
+    seed: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+
+def video_activation_bytes(base: ModelSpec, precision_name: str, width: int, height: int, frames: int) -> int:
+    """Rough peak working memory of a video beyond the weights.
+
+    The UNet denoises every frame at once (about half an image's peak per frame: the VAE is not in
+    it), the VAE then decodes DECODE_CHUNK frames at a time, and the decoded frames are held in float
+    and in bytes (16 bytes a pixel).
+    """
+    per_pixel = defaults_for(base).activation_bytes_per_pixel * (2 if precision_name == "fp32" else 1)
+    return int(width * height * ((frames + DECODE_CHUNK) * per_pixel // 2 + 16 * frames))
+
+
+def check_video_request(adapter: ModelSpec, base: ModelSpec, *, prompt="", negative_prompt="", style="none",
+                        width=None, height=None, frames=None, fps=DEFAULT_FPS, steps=None, guidance=None, seed=-1,
+                        styles: dict | None = None, budget_bytes: int | None = None,
+                        precision_name: str = "fp32", bases: list[str] | None = None,
+                        ) -> tuple[VideoRequest, list[str]]:
+    """Validate raw UI/API values for a video of ``adapter`` on ``base``; (request, notices).
+
+    ``None`` for width/height (the base's default size), frames, steps or guidance (the adapter's
+    defaults). The budget counts both models' weights and every frame's working memory.
+    """
+    check_video_base(adapter, base, bases)
+    motion, size = motion_defaults_for(adapter), defaults_for(base)
+    notices: list[str] = []
+    prompt = clean_text("prompt", prompt)
+    negative_prompt = clean_text("negative prompt", negative_prompt)
+    if not prompt.strip():
+        notices.append("The prompt is empty: the model draws from noise alone (unconditional generation).")
+    if not isinstance(style, str) or not style:
+        style = "none"
+    if styles is not None and style not in styles:
+        raise InvalidRequest(f"Unknown style {style!r}. Styles: {', '.join(styles)}")
+    side_hint = f" for {base.id} (and a multiple of 8)"
+    width = check_number("width", size.width if width is None else width, MIN_SIDE, size.max_side, True, side_hint)
+    height = check_number("height", size.height if height is None else height, MIN_SIDE, size.max_side, True,
+                          side_hint)
+    for name, side in (("width", width), ("height", height)):
+        if side % 8:
+            raise InvalidRequest(f"{name} must be a multiple of 8, got {side}; try {side - side % 8} or "
+                                 f"{side - side % 8 + 8}")
+    frames = check_number("frames", motion.frames if frames is None else frames, MIN_FRAMES, MAX_FRAMES, True,
+                          " (AnimateDiff's motion modules hold 32)")
+    fps = check_number("fps", DEFAULT_FPS if fps is None else fps, MIN_FPS, MAX_FPS, True)
+    steps = check_number("steps", motion.steps if steps is None else steps, 1, motion.max_steps, True,
+                         f" for {adapter.id}")
+    guidance = check_number("guidance", motion.guidance if guidance is None else guidance, 0.0, MAX_GUIDANCE, False)
+    seed = check_number("seed", -1 if seed is None else seed, -1, MAX_SEED, True, " (-1 picks a random seed)")
+    if seed == -1:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    if budget_bytes is not None:
+        weights = base.estimate_bytes(precision_name) + adapter.estimate_bytes(precision_name)
+        needed = weights + video_activation_bytes(base, precision_name, width, height, frames)
+        if needed > budget_bytes:
+            fixed = video_activation_bytes(base, precision_name, width, height, 0)  # the VAE's chunk
+            per_frame = video_activation_bytes(base, precision_name, width, height, 1) - fixed
+            fits = max(0, (budget_bytes - weights - fixed) // max(1, per_frame))
+            room = (f"at {width}x{height} the budget holds {fits} frames" if fits >= MIN_FRAMES
+                    else f"even {MIN_FRAMES} frames do not fit at {width}x{height}")
+            raise TooLarge(
+                f"{frames} frames at {width}x{height} need about {format_bytes(needed)} with {adapter.id} on "
+                f"{base.id}, more than the {format_bytes(budget_bytes)} memory budget ({room}). Use fewer frames "
+                "or a smaller size, or raise --memory-budget.")
+    if guidance <= 1.0 and negative_prompt.strip():
+        notices.append("Guidance is at most 1, so classifier-free guidance is off and the negative prompt "
+                       "has no effect.")
+    request = VideoRequest(prompt=prompt, negative_prompt=negative_prompt, style=style, width=width, height=height,
+                           frames=frames, fps=fps, steps=steps, guidance=guidance, seed=seed)
+    return request, notices
+
+
+@dataclasses.dataclass(eq=False)
+class MotionHandle:
+    """A loaded AnimateDiff MotionAdapter (the motion modules alone; a base model supplies the rest)."""
+
+    adapter: object
+    spec_id: str
+    variant: str
+    device: str
+    precision: str
+
+
+def load_motion_adapter(spec: ModelSpec, location: str, precision: Precision) -> MotionHandle:
+    """A diffusers MotionAdapter folder or hub repo, or (Lightning) one checkpoint file of a repo.
+
+    A checkpoint is loaded into ``MotionAdapter()`` with the default (SD 1.5) configuration, as its
+    model card does, or into the configuration of a ``config.json`` beside it (the offline twin's).
+    """
+    from diffusers import MotionAdapter
+
+    from models.sources import ModelUnavailableError
+
+    if precision.name not in ("fp16", "bf16", "fp32"):
+        raise InvalidRequest(f"Motion adapters load in fp16 or fp32, not {precision.name}.")
+    variant = motion_variant_of(spec)
+    checkpoint, checkpoint_repo = MOTION_VARIANTS[variant].checkpoint, MOTION_VARIANTS[variant].checkpoint_repo
+    dtype = precision.torch_dtype()
+    if not checkpoint:
+        adapter = MotionAdapter.from_pretrained(location, dtype=dtype)
+    else:
+        from safetensors.torch import load_file
+
+        folder = Path(location)
+        if folder.is_dir():
+            path = folder / checkpoint
+            if not path.is_file():
+                raise ModelUnavailableError(
+                    f"{spec.id}: {folder} lacks {checkpoint}. Download it with `hf download {checkpoint_repo} "
+                    f"{checkpoint}`.")
+            config = MotionAdapter.load_config(folder) if (folder / "config.json").is_file() else {}
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path, config = Path(hf_hub_download(location, checkpoint)), {}
+        adapter = MotionAdapter.from_config(config)
+        try:
+            adapter.load_state_dict(load_file(str(path)), strict=True)
+        except RuntimeError as exc:
+            raise ModelUnavailableError(f"{spec.id}: {checkpoint} is not a motion adapter of the expected shape "
+                                        f"({str(exc).splitlines()[0][:200]})") from None
+        if next(adapter.parameters()).dtype != dtype:
+            adapter.to(dtype=dtype)
+    adapter.to(precision.device).eval()
+    return MotionHandle(adapter=adapter, spec_id=spec.id, variant=variant, device=precision.device,
+                        precision=precision.name)
+
+
+def build_tiny_motion(folder: Path, arch: str) -> None:
+    """tiny-motion: a MotionAdapter with tiny-sd's block widths (8, 16) and one motion layer per block, as
+    diffusers' AnimateDiff tests build one. ``motion-lightning`` writes it as the Lightning repo does, one
+    checkpoint file, plus the config.json the repo does not need (its checkpoints use the default sizes)."""
+    from diffusers import MotionAdapter
+    from safetensors.torch import save_file
+
+    from models.offline import seeded
+
+    seeded()
+    adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=2,
+                            motion_num_attention_heads=2, motion_max_seq_length=MAX_FRAMES)
+    if arch == "motion":
+        adapter.save_pretrained(folder, safe_serialization=True)
+        return
+    adapter.save_config(folder)
+    save_file({key: value.contiguous() for key, value in adapter.state_dict().items()},
+              str(Path(folder) / MOTION_VARIANTS["lightning"].checkpoint))
+
+
+def motion_scheduler(base: DiffusionHandle, variant: str):
+    """The adapter's scheduler, built from the base model's own scheduler config (its betas' range)."""
+    import diffusers
+
+    defaults = MOTION_VARIANTS[variant]
+    return getattr(diffusers, defaults.scheduler).from_config(base.default_scheduler.config,
+                                                              **dict(defaults.scheduler_config))
+
+
+def check_motion_fits(base: DiffusionHandle, motion: MotionHandle) -> None:
+    """The adapter's blocks must match the base UNet's (a user's folder may hold another size)."""
+    unet, adapter = base.pipe.unet.config, motion.adapter.config
+    layers = adapter.motion_layers_per_block
+    if (list(unet.block_out_channels) != list(adapter.block_out_channels)
+            or (isinstance(layers, int) and layers != unet.layers_per_block)):
+        raise InvalidRequest(f"{motion.spec_id} (blocks {tuple(adapter.block_out_channels)}) does not fit "
+                             f"{base.spec_id}'s UNet (blocks {tuple(unet.block_out_channels)}): choose an SD 1.5 "
+                             "base of the adapter's size (tiny-motion goes with tiny-sd).")
+
+
+def video_pipeline(base: DiffusionHandle, motion: MotionHandle):
+    """An AnimateDiffPipeline over the base's components whose motion UNet *shares* the base UNet's and the
+    adapter's tensors (built on the meta device, then given theirs), so it costs no memory and no copy.
+
+    diffusers' own ``UNetMotionModel.from_unet2d`` copies the UNet's weights (1.7 GB in fp16 for SD 1.5).
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AnimateDiffPipeline, UNetMotionModel
+
+    check_motion_fits(base, motion)
+    if base.offloaded:  # accelerate's hooks move the UNet's weights; the motion UNet shares them in place
+        base.pipe.remove_all_hooks()
+        base.pipe.to(base.device)
+        base.offloaded = False
+    unet = base.pipe.unet
+    with init_empty_weights():
+        motion_unet = UNetMotionModel.from_unet2d(unet, motion.adapter, load_weights=False)
+    motion_unet.load_state_dict({**unet.state_dict(), **motion.adapter.state_dict()}, strict=True, assign=True)
+    motion_unet.to(device=base.device).eval()  # every tensor is the base's or the adapter's: nothing moves
+    pipe = AnimateDiffPipeline(vae=base.pipe.vae, text_encoder=base.pipe.text_encoder, tokenizer=base.pipe.tokenizer,
+                               unet=motion_unet, motion_adapter=motion.adapter,
+                               scheduler=motion_scheduler(base, motion.variant))
+    pipe.set_progress_bar_config(disable=True)
+    if base.attention_backend == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    return pipe
+
+
+@dataclasses.dataclass
+class VideoResult:
+    frames: object | None  # uint8 array (frames, height, width, 3); None when stopped
+    steps_done: int
+    stopped: bool
+    notices: list[str]
+    attention_backend: str
+    seconds: float
+
+
+def animate(base: DiffusionHandle, motion: MotionHandle, request: VideoRequest, *, styles: dict | None = None,
+            stop: threading.Event | None = None, on_step: Callable[[int, int], None] | None = None,
+            notices: list[str] | None = None) -> VideoResult:
+    """Make a video's frames for a validated request.
+
+    The noise of every frame comes from one CPU ``torch.Generator`` seeded ``seed``, so the same models,
+    settings and seed give the same frames. ``on_step(done, total)`` counts the denoising steps, then
+    the VAE's chunks of frames. ``stop`` is checked after every step and chunk; a stopped video keeps
+    no frames (a half-denoised or half-decoded video is not kept).
+    """
+    import torch
+
+    started = time.perf_counter()
+    notices = list(notices or [])
+    # 1. Prompts after the style preset, and what the text encoder will not read
+    styles = styles if styles is not None else load_styles(None)
+    prompt, negative = apply_style(styles, request.style, request.prompt, request.negative_prompt)
+    notices.extend(overflow_notices(base.pipe, prompt, negative))
+    # 2. The AnimateDiff pipeline over the base, with the adapter's scheduler
+    pipe = video_pipeline(base, motion)
+    steps = denoising_steps(pipe.scheduler, request.steps)
+    chunks = -(-request.frames // DECODE_CHUNK)
+    total, done = steps + chunks, 0
+
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        nonlocal done
+        done += 1
+        if on_step is not None:
+            on_step(done, total)
+        if stopped():
+            pipeline._interrupt = True
+        return callback_kwargs
+
+    # 3. Denoise all frames together, then decode them a few at a time
+    kwargs = {"negative_prompt": negative or None} if request.guidance > 1.0 else {}
+    frames = None
+    try:
+        with torch.inference_mode():
+            latents = pipe(prompt=prompt, num_frames=request.frames, width=request.width, height=request.height,
+                           num_inference_steps=request.steps, guidance_scale=request.guidance,
+                           generator=torch.Generator("cpu").manual_seed(request.seed), output_type="latent",
+                           callback_on_step_end=on_step_end, **kwargs).frames
+            steps_done = done
+            if done == steps and not stopped():
+                frames = _decode_frames(pipe, latents, stopped, lambda: on_step_end(pipe, 0, 0, {}))
+    finally:
+        pipe.maybe_free_model_hooks()
+    if frames is None:
+        notices.append(f"Stopped at step {min(steps_done, steps)} of {steps}"
+                       + (" (while decoding the frames)" if steps_done == steps else "")
+                       + "; no video was kept (a half-made one is noise).")
+    return VideoResult(frames=frames, steps_done=steps_done, stopped=frames is None, notices=notices,
+                       attention_backend=base.attention_backend, seconds=time.perf_counter() - started)
+
+
+def _decode_frames(pipe, latents, stopped: Callable[[], bool], chunk_done: Callable[[], object]):
+    """uint8 frames (frames, height, width, 3) from (1, channels, frames, h, w) latents, DECODE_CHUNK at a time;
+    None when stopped in between. Same arithmetic as AnimateDiffPipeline.decode_latents + postprocess."""
+    import torch
+
+    latents = latents / pipe.vae.config.scaling_factor
+    batch, channels, count, height, width = latents.shape
+    latents = latents.permute(0, 2, 1, 3, 4).reshape(batch * count, channels, height, width)
+    pieces = []
+    for start in range(0, count, DECODE_CHUNK):
+        if stopped():
+            return None
+        sample = pipe.vae.decode(latents[start:start + DECODE_CHUNK]).sample.float()
+        pieces.append(((sample / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        chunk_done()
+    return torch.cat(pieces).numpy()
