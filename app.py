@@ -43,7 +43,7 @@ def create(argv: list[str] | None = None):
     from models.settings import settings_from_args, with_hub_probe
 
     settings = with_hub_probe(settings_from_args(argv))
-    catalog = Catalog.load(settings.models_file)
+    catalog = Catalog.for_settings(settings)
     manager = ModelManager(catalog, settings)
     from tabs import build_app  # imports gradio: after the flags are known to be valid
 
@@ -54,7 +54,7 @@ def create(argv: list[str] | None = None):
 def launch_kwargs(settings, manager) -> dict:
     """Keyword arguments for ``demo.launch``, including the /health route and secure defaults."""
     import api
-    from tabs import CSS, THEME, health_route
+    from tabs import CSS, JS, THEME, health_route
 
     return {
         "server_name": settings.host,
@@ -67,6 +67,7 @@ def launch_kwargs(settings, manager) -> dict:
         "show_error": True,
         "theme": THEME,
         "css": CSS,
+        "js": JS,
         # /health and the OpenAI-compatible /v1 routes live next to the Gradio app, on the same server
         "app_kwargs": {"routes": [health_route(manager), *api.routes(manager, settings)]},
         "ssr_mode": False,
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     # Anything `make run` did not prepare (a fresh cache, a new models file) is prepared now, in the
     # background, so that nobody waits on a conversion at their first click; the Models tab shows it.
     manager.preparation.start()
+    manager.start_idle_unload()  # --idle-unload: frees models no call has used for that long (off by default)
     from models import retention
 
     removed = retention.enforce(settings)  # generated files beyond --retention-gb, oldest first

@@ -9,8 +9,11 @@ import yaml
 
 from models.errors import UnknownModel
 
-TASKS = ("vqa", "text-to-image", "speech-to-text", "chat", "text-to-speech")
-TASK_LABELS = {"vqa": "Image VQA", "text-to-image": "Text-to-image", "speech-to-text": "Speech-to-text",
+# text-to-video entries are AnimateDiff motion adapters (family diffusion): the manager loads, measures
+# and evicts them like any model; each request pairs one with an SD 1.5-family text-to-image model.
+TASKS = ("vqa", "text-to-image", "text-to-video", "speech-to-text", "chat", "text-to-speech")
+TASK_LABELS = {"vqa": "Image VQA", "text-to-image": "Text-to-image",
+               "text-to-video": "Text-to-video (motion adapters)", "speech-to-text": "Speech-to-text",
                "chat": "Chat", "text-to-speech": "Text-to-speech"}
 FAMILIES = ("vlm", "diffusion", "asr", "chat", "tts", "piper", "remote")
 SOURCES = ("hub", "local", "offline", "package", "coqui", "openai")
@@ -79,7 +82,11 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
 
-def _spec_from_dict(raw: dict, where: str) -> ModelSpec:
+def spec_from_dict(raw: dict, where: str) -> ModelSpec:
+    """A checked ModelSpec from one entry of a models file or of the Models tab's "Add a model".
+
+    Raises ValueError, naming ``where``, for an entry that is not valid.
+    """
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: each model entry must be a mapping, got {type(raw).__name__}")
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
@@ -92,6 +99,8 @@ def _spec_from_dict(raw: dict, where: str) -> ModelSpec:
     for key, allowed in (("task", TASKS), ("family", FAMILIES), ("source", SOURCES)):
         if raw[key] not in allowed:
             raise ValueError(f"{where}: {raw['id']}: {key} must be one of {allowed}, got {raw[key]!r}")
+    if raw["task"] == "text-to-video" and raw["family"] != "diffusion":
+        raise ValueError(f"{where}: {raw['id']}: a text-to-video entry is a motion adapter (family diffusion)")
     if (raw["source"] == "openai") != (raw["family"] == "remote"):
         raise ValueError(f"{where}: {raw['id']}: a remote engine has source openai and family remote (both or neither)")
     if raw["source"] == "openai" and (raw["task"] not in ("chat", "vqa") or not raw.get("base_url")):
@@ -111,11 +120,26 @@ def _read(path: Path) -> list[ModelSpec]:
     entries = data.get("models", []) if isinstance(data, dict) else data
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a list under 'models:'")
-    return [_spec_from_dict(raw, str(path)) for raw in entries]
+    return [spec_from_dict(raw, str(path)) for raw in entries]
+
+
+USER_MODELS_FILE = "models.yaml"  # in the cache folder, when no --models-file is given
+
+
+def user_models_file(settings) -> Path:
+    """The user's models file: ``--models-file`` when given, else ``models.yaml`` in the cache folder
+    (where the Models tab's "Add a model" writes)."""
+    return Path(settings.models_file) if settings.models_file else settings.cache_dir / USER_MODELS_FILE
+
+
+def models_file_to_load(settings) -> Path | None:
+    """The user's models file to read at start-up: ``--models-file``, else the cache folder's when it exists."""
+    path = user_models_file(settings)
+    return path if settings.models_file or path.is_file() else None
 
 
 class Catalog:
-    """Read-only lookup of ModelSpecs; user entries override built-in ones with the same id."""
+    """Lookup of ModelSpecs (read-only but for ``add``); user entries override built-in ones with the same id."""
 
     def __init__(self, specs: list[ModelSpec]):
         self._specs: dict[str, ModelSpec] = {}
@@ -134,6 +158,22 @@ class Catalog:
         if user_file is not None:
             specs += _read(Path(user_file))
         return cls(specs)
+
+    @classmethod
+    def for_settings(cls, settings) -> Catalog:
+        """The built-in catalog plus the user's models file (``models_file_to_load``): what the app and
+        the training process read."""
+        return cls.load(models_file_to_load(settings))
+
+    def add(self, spec: ModelSpec) -> None:
+        """Add one entry at run time (the Models tab's "Add a model"); an id already in the catalog is refused.
+
+        The lookup table is replaced, not changed in place, so a thread iterating the catalog meanwhile
+        sees either the old entries or the new ones.
+        """
+        if spec.id in self._specs:
+            raise ValueError(f"{spec.id} is already in the catalog")
+        self._specs = {**self._specs, spec.id: spec}
 
     def get(self, model_id: str) -> ModelSpec:
         if not isinstance(model_id, str) or model_id not in self._specs:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Allocator rounding and cuBLAS workspaces may leave a little behind; more than this is a leak.
 CUDA_LEAK_TOLERANCE = 8 * 1024**2
+IDLE_CHECK_SECONDS = 30.0  # how often --idle-unload looks for models no call has used for its timeout
 
 
 class ModelTooLargeError(Unavailable):
@@ -105,6 +106,8 @@ class ModelManager:
         # One model call at a time on the device, held by tabs.common.model_call until the work has ended
         # (a plain Lock: a generator may resume in another thread than the one that took it).
         self.call_lock = threading.Lock()
+        self._idle_thread: threading.Thread | None = None
+        self._idle_stop = threading.Event()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -189,6 +192,58 @@ class ModelManager:
         for entry in entries:
             self._release(entry)
         return idle
+
+    def unload_idle(self, idle_seconds: float) -> list[str]:
+        """Unload every model no call has used for ``idle_seconds``; returns the ids unloaded.
+
+        A model in use (pinned) stays however long its call takes: idleness counts from the end of
+        the last call, never from its start.
+        """
+        cutoff = time.time() - idle_seconds
+        with self._lock:
+            idle = [mid for mid, e in self._entries.items() if not e.pins and e.last_used <= cutoff]
+            entries = [self._entries.pop(mid) for mid in idle]
+        for entry in entries:
+            log.info("unloading %s: no call has used it for %.0f s (--idle-unload)", entry.spec.id,
+                     time.time() - entry.last_used)
+            self._release(entry)
+        return idle
+
+    def start_idle_unload(self, idle_seconds: float | None = None,
+                          check_seconds: float = IDLE_CHECK_SECONDS) -> threading.Thread | None:
+        """Unload idle models from a daemon thread, checking every ``check_seconds``, so a shared GPU is given back.
+
+        ``idle_seconds`` defaults to ``--idle-unload`` (minutes); returns None when that is off.
+        Calling it again while the thread runs returns the same thread.
+        """
+        if idle_seconds is None:
+            idle_seconds = self.settings.idle_unload_minutes * 60
+        if not idle_seconds or idle_seconds <= 0:
+            return None
+        with self._lock:
+            if self._idle_thread is not None and self._idle_thread.is_alive():
+                return self._idle_thread
+            self._idle_stop = stop = threading.Event()
+
+            def run() -> None:
+                while not stop.wait(check_seconds):
+                    try:
+                        self.unload_idle(idle_seconds)
+                    except Exception:  # the watchdog must outlive one failed unload
+                        log.exception("idle unload failed; trying again in %.0f s", check_seconds)
+
+            self._idle_thread = threading.Thread(target=run, name="idle-unload", daemon=True)
+        self._idle_thread.start()
+        log.info("idle unload: models unused for %.0f s are freed (checked every %.0f s)", idle_seconds,
+                 check_seconds)
+        return self._idle_thread
+
+    def stop_idle_unload(self) -> None:
+        """Stop the idle-unload thread (idempotent); loaded models stay loaded."""
+        self._idle_stop.set()
+        thread, self._idle_thread = self._idle_thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
 
     def snapshot(self) -> list[dict]:
         """Plain-data view of every loaded model, most recently used first."""

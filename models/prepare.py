@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     own, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(rest)
-    catalog = Catalog.load(settings.models_file)
+    catalog = Catalog.for_settings(settings)
     from models.sources import first_use_seconds, is_prepared
 
     failures = 0

@@ -34,6 +34,7 @@ class Settings:
     retention_gb: float = 5.0  # generated files kept (outputs, finished runs, uploads); adapters are never removed
     api_key: str = dataclasses.field(default="", repr=False)  # required as a Bearer token on /v1 when set
     allow_remote_images: bool = False  # the API may fetch http(s) image URLs (public addresses only)
+    idle_unload_minutes: float = 0.0  # free models no call has used for this long (0: never); models in use stay
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated model ids to load in the background right after start-up; "
                              "'defaults': the voice tab's speech, chat and voice models that work offline; "
                              "'none' (env WORKBENCH_PRELOAD; make run passes 'defaults')")
+    parser.add_argument("--idle-unload", type=float, metavar="MINUTES",
+                        default=float(_env("WORKBENCH_IDLE_UNLOAD", "0")),
+                        help="free models that no call has used for MINUTES, giving a shared GPU back; a model "
+                             "answering a request is never unloaded (env WORKBENCH_IDLE_UNLOAD, default 0 = off)")
     return parser
 
 
@@ -126,6 +131,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         raise SystemExit("--max-call-seconds must be a positive number of seconds")
     if args.retention_gb <= 0:
         raise SystemExit("--retention-gb must be a positive number of GB")
+    if not args.idle_unload >= 0:  # also refuses nan
+        raise SystemExit("--idle-unload must be a number of minutes (0 = off)")
     try:
         auth = parse_auth(args.auth)
     except ValueError as exc:  # a start-up mistake: a one-line message, not a traceback
@@ -151,6 +158,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         retention_gb=args.retention_gb,
         api_key=args.api_key or "",
         allow_remote_images=bool(args.allow_remote_images),
+        idle_unload_minutes=args.idle_unload,
     )
 
 

@@ -288,14 +288,24 @@ def cached_hub_folder(spec: ModelSpec, settings: Settings) -> str:
             f"piper-joe, or a tiny-* model).") from exc
 
 
+def coqui_folder(spec: ModelSpec) -> Path:
+    """Where Coqui keeps a downloaded model, found by Coqui's own rule (``TTS_HOME``, ``XDG_DATA_HOME``,
+    the platform's data folder) without importing TTS, which imports torch."""
+    import sys
+
+    base = os.environ.get("TTS_HOME") or os.environ.get("XDG_DATA_HOME")
+    if base:
+        root = Path(base).expanduser()
+    elif sys.platform == "darwin":
+        root = Path("~/Library/Application Support").expanduser()
+    else:
+        root = Path.home() / ".local" / "share"
+    return root / "tts" / spec.location.replace("/", "--")
+
+
 def cached_coqui_folder(spec: ModelSpec, settings: Settings) -> str:
     """Coqui keeps downloaded models under its data folder; use it if present, else explain."""
-    try:
-        from TTS.utils.generic_utils import get_user_data_dir
-
-        folder = Path(get_user_data_dir("tts")) / spec.location.replace("/", "--")
-    except ImportError:
-        folder = Path("~/.local/share/tts").expanduser() / spec.location.replace("/", "--")
+    folder = coqui_folder(spec)
     if folder.is_dir():
         return str(folder)
     raise ModelUnavailableError(

@@ -37,14 +37,14 @@ def engine(tmp_path):
 
 
 def remote_manager(tmp_path, base_url: str):
-    from models.catalog import Catalog, _spec_from_dict
+    from models.catalog import Catalog, spec_from_dict
     from models.manager import ModelManager
 
     entries = [{"id": "remote-smollm", "task": "chat", "family": "remote", "source": "openai", "base_url": base_url,
                 "repo": "smollm2-135m"},
                {"id": "remote-vlm", "task": "vqa", "family": "remote", "source": "openai", "base_url": base_url,
                 "repo": "tiny-vlm"}]
-    catalog = Catalog([*Catalog.load(), *(_spec_from_dict(entry, "test") for entry in entries)])
+    catalog = Catalog([*Catalog.load(), *(spec_from_dict(entry, "test") for entry in entries)])
     settings = make_settings(tmp_path / "first")
     return ModelManager(catalog, settings), settings
 
@@ -94,13 +94,13 @@ def test_remote_chat_and_vqa_stream_stop_and_report_a_dead_engine(tmp_path, engi
 
 
 def test_a_remote_entry_needs_its_url_and_family():
-    from models.catalog import _spec_from_dict
+    from models.catalog import spec_from_dict
 
     with pytest.raises(ValueError, match="source openai and family remote"):
-        _spec_from_dict({"id": "x", "task": "chat", "family": "chat", "source": "openai", "base_url": "http://h/v1"},
+        spec_from_dict({"id": "x", "task": "chat", "family": "chat", "source": "openai", "base_url": "http://h/v1"},
                         "models.yaml")
     with pytest.raises(ValueError, match="chat or vqa model with a base_url"):
-        _spec_from_dict({"id": "x", "task": "chat", "family": "remote", "source": "openai"}, "models.yaml")
+        spec_from_dict({"id": "x", "task": "chat", "family": "remote", "source": "openai"}, "models.yaml")
 
 
 def test_an_engine_that_refuses_connections_gets_a_clear_message_quickly(tmp_path):
