@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -29,6 +30,8 @@ TRAINABLE_TASKS = ("chat", "vqa")
 ALL_LINEAR = "all-linear"
 # A run config is flat (one list at most); deeper nesting only costs recursion.
 MAX_DEPTH = 8
+# Filled in by the runner (or by hand for the command line), never shown in the tab's form.
+PATH_FIELDS = ("dataset", "run_dir", "cache_dir", "models_dir", "models_file", "offline", "device", "resume_from")
 
 # Presets only set training knobs; the model, dataset and adapter name stay the user's.
 PRESETS: dict[str, dict] = {
@@ -163,8 +166,7 @@ class RunConfig:
 
     def training_dict(self) -> dict:
         """The knobs a user sets (no paths): what the UI shows and a model card records."""
-        paths = {"dataset", "run_dir", "cache_dir", "models_dir", "models_file", "offline", "device", "resume_from"}
-        return {k: v for k, v in self.to_dict().items() if k not in paths}
+        return {k: v for k, v in self.to_dict().items() if k not in PATH_FIELDS}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -198,15 +200,42 @@ class RunConfig:
     @classmethod
     def load(cls, path: Path, limits: Limits | None = None) -> RunConfig:
         limits = limits or Limits.from_env()
-        path = Path(path)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read(limits.yaml_bytes + 1)  # one more than the limit: load_text says it is over
-        except OSError as exc:
-            raise InvalidRequest(f"cannot read config {quote(path.name, 100)}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise InvalidRequest(f"config {quote(path.name, 100)} is not UTF-8 text") from None
-        return cls.from_text(text, limits)
+        return cls.from_text(read_config_text(path, limits), limits)
+
+
+def read_config_text(path: Path, limits: Limits) -> str:
+    """A config file's text, read no further than one byte past ``limits.yaml_bytes`` (load_text refuses it)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read(limits.yaml_bytes + 1)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read config {quote(path.name, 100)}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"config {quote(path.name, 100)} is not UTF-8 text") from None
+
+
+def parse_training_text(text, limits: Limits | None = None) -> tuple[RunConfig, list[str]]:
+    """The training knobs of YAML/JSON text, as the tab's form shows them: (config, ignored path keys).
+
+    Keys the text leaves out take their defaults, as on the command line. Path keys (``dataset``,
+    ``run_dir``...) are the runner's to fill in: they are returned by name, not applied.
+    """
+    limits = limits or Limits.from_env()
+    raw = load_text(text, limits)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"config must be a mapping of settings (key: value lines), got {type(raw).__name__}")
+    ignored = [key for key in raw if key in PATH_FIELDS]
+    return RunConfig.from_dict({k: v for k, v in raw.items() if k not in PATH_FIELDS}, limits), ignored
+
+
+def matching_preset(config: RunConfig) -> str | None:
+    """The preset whose every setting ``config`` has, or None: what the preset menu shows for a config."""
+    for name, values in PRESETS.items():
+        if all(getattr(config, key) == value for key, value in values.items()):
+            return name
+    return None
 
 
 def load_text(text, limits: Limits):
@@ -233,9 +262,17 @@ def load_text(text, limits: Limits):
     try:
         return loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise InvalidRequest(f"config is not valid YAML: {str(exc)[:300]}") from None
+        raise InvalidRequest(f"config is not valid YAML: {yaml_problem(exc)}") from None
     finally:
         loader.dispose()
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line saying where and what PyYAML found wrong (its own text spans lines and draws a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    words = [part for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part]
+    text = ", ".join(words) if words else str(exc).splitlines()[0]
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark else "") + text[:200]
 
 
 def check_nodes(value, limits: Limits) -> None:
@@ -253,7 +290,11 @@ def check_nodes(value, limits: Limits) -> None:
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors and aliases, and stops past ``yaml_nodes`` nodes or ``MAX_DEPTH`` levels."""
+    """SafeLoader that refuses anchors and aliases, and stops past ``yaml_nodes`` nodes or ``MAX_DEPTH`` levels.
+
+    It also reads ``1e-4`` as a number, as YAML 1.2 and JSON do: PyYAML's YAML 1.1 rules want a dot and a
+    signed exponent (``1.0e-4``) and would hand a learning rate typed the usual way over as text.
+    """
 
     def __init__(self, text: str, limits: Limits):
         super().__init__(text)
@@ -274,6 +315,11 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789"))
 
 
 def parse_config(value, limits: Limits | None = None) -> RunConfig:

@@ -3,7 +3,8 @@
 Works the same from a shell and under ``accelerate launch -m finetune.train CONFIG.yaml``. Writes
 ``log.jsonl`` in the run folder (one JSON object per line: start, step, eval, checkpoint, stopping,
 done or error records), catches SIGTERM/SIGINT to stop at the end of the current step with a
-checkpoint, and saves the PEFT adapter, its ``workbench.json`` and a model card into the adapters folder.
+checkpoint, saves a checkpoint at its last step too (a later run can continue it with more steps), and
+saves the PEFT adapter, its ``workbench.json`` and a model card into the adapters folder.
 """
 
 from __future__ import annotations
@@ -274,6 +275,8 @@ def make_callbacks(log: RunLog, stopper: GracefulStop):
                 log.write("stopping", step=state.global_step, signal=stopper.signal_name)
                 control.should_training_stop = True
                 control.should_save = True
+            if state.global_step >= state.max_steps:
+                control.should_save = True  # the last step's checkpoint is where "train more" continues
             return control
 
     return [LogCallback()]
@@ -324,7 +327,7 @@ def model_card(config: RunConfig, metrics: dict, spec) -> str:
         f"- learning rate {config.learning_rate}, scheduler {config.scheduler}, batch {config.batch_size} x "
         f"accumulation {config.grad_accum}, max length {config.max_length}, seed {config.seed}",
         "",
-        "Load it in the workbench's chat or VQA tab (adapter choice), or with "
+        "Load it in the workbench's Image VQA or Voice assistant tab (their adapter menus), or with "
         "`model.load_adapter(folder)` on the base model.",
     ]
     if spec.source == "offline":

@@ -71,21 +71,33 @@ def test_start_follow_and_adapter_listed(client, app_server, tmp_path):
     config = "base_model: tiny-chat\nadapter_name: api-run\nmax_steps: 3\nbatch_size: 2\nlearning_rate: 0.01\n" \
              "gradient_checkpointing: false\nval_fraction: 0\n"
     run_id = client.predict(handle_file(str(good)), config, api_name="/finetune_start")
-    deadline = time.time() + 150
-    while True:
-        status = client.predict(run_id, api_name="/finetune_status")
-        if status["state"] in ("completed", "failed") or time.time() > deadline:
-            break
-        time.sleep(0.5)
+    status = follow(client, run_id)
     assert status["state"] == "completed", status
     assert status["step"] == status["total"] == 3 and len(status["loss_history"]) == 3
     assert status["adapter"].endswith("api-run") and "api-run" in adapter_choices(settings)
     assert client.predict(run_id, api_name="/finetune_stop")["state"] == "completed"  # nothing left to stop
+    listed = {run["run_id"]: run for run in client.predict(api_name="/finetune_runs")}
+    assert listed[run_id]["state"] == "completed" and listed[run_id]["checkpoints"][-1] == "checkpoint-3"
+    with pytest.raises(AppError, match="trained all its 3 steps"):  # a finished run is not restarted as is
+        client.predict(run_id, "latest", 0, api_name="/finetune_resume")
+    assert client.predict(run_id, "latest", 2, api_name="/finetune_resume") == run_id  # train 2 more steps
+    status = follow(client, run_id)
+    assert status["state"] == "completed" and status["step"] == status["total"] == 5, status
     for wrong in ("../../etc", f"../runs/{run_id}", f"./{run_id}"):
         with pytest.raises(AppError, match="run_id must be a run id"):
             client.predict(wrong, api_name="/finetune_status")
         with pytest.raises(AppError, match="run_id must be a run id"):
             client.predict(wrong, api_name="/finetune_stop")
+
+
+def follow(client, run_id: str, seconds: float = 150) -> dict:
+    """/finetune_status until the run has ended (or ``seconds`` have passed)."""
+    deadline = time.time() + seconds
+    while True:
+        status = client.predict(run_id, api_name="/finetune_status")
+        if status["state"] in ("completed", "stopped", "failed") or time.time() > deadline:
+            return status
+        time.sleep(0.5)
 
 
 def test_tab_helpers_round_trip_the_form_and_draw_progress(tmp_path):

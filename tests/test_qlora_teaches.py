@@ -4,7 +4,7 @@ finetune/examples/invented-facts.jsonl asks 30 questions about things that do no
 training, smollm2-135m answers at most 10 % of them (greedy, through the app's chat path). Then an
 NF4 QLoRA run is started the way /finetune_start and the tab's Start button start one
 (``TrainingRunner.start`` with the YAML that the tab's "Load example" button puts in the form), in
-its own process. After it, the adapter, chosen by name in a ``ChatRequest`` as the chat tab does,
+its own process. After it, the adapter, chosen by name in a ``ChatRequest`` as the voice tab does,
 answers at least 80 % of the same questions, and the tab's "Try the adapter" shows the base model's
 wrong answer next to the adapter's right one. Run with ``-s`` to see the scores and the training time.
 """
@@ -121,13 +121,16 @@ def test_an_nf4_qlora_run_teaches_smollm2_the_invented_facts(runner, manager, se
     config = example_config(INVENTED_FACTS)
     started = time.monotonic()
     run_id = runner.start(str(INVENTED_FACTS.path), config_yaml(config))
-    assert not manager.is_loaded(model), "the manager must unload every model before training"
+    launched = runner.status(run_id)
+    # Only what must go is unloaded (on the CPU: what does not fit beside training), and the run says so
+    assert manager.is_loaded(model) == (model not in launched["unloaded"]), launched["memory_note"]
+    assert launched["memory_note"].startswith("Unloaded" if launched["unloaded"] else "No model was unloaded")
     status = wait_until_finished(runner, run_id)
     training_seconds = time.monotonic() - started
     assert status["state"] == "completed", status["message"] + "\n" + "\n".join(status["log_tail"])
     assert status["metrics"]["train_rows"] == len(before) and status["step"] == status["total"] > 0
 
-    # 3. After: the adapter, chosen by name as the chat tab chooses it
+    # 3. After: the adapter, chosen by name as the voice tab chooses it
     started = time.monotonic()
     after = answers(manager, settings, adapter)
     after_seconds = time.monotonic() - started
