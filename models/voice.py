@@ -63,12 +63,19 @@ class Timings:
                 "total_seconds": round(self.total_seconds, 3)}
 
     def markdown(self) -> str:
-        asr = f"{self.asr_seconds:.2f} s for {self.audio_in_seconds:.1f} s of audio" if self.audio_in_seconds else "—"
-        tts = f"{self.tts_seconds:.2f} s for {self.audio_out_seconds:.1f} s of audio" if self.audio_out_seconds else "—"
-        first = f"{self.first_audio_seconds:.2f} s" if self.first_audio_seconds else "—"
-        return (f"**First audio** after {first} · **ASR** {asr} · **LLM** {self.llm_seconds:.2f} s, "
-                f"{self.llm_tokens} tokens ({self.tokens_per_second:.1f} tok/s) · **TTS** {tts} · "
-                f"**voice real-time factor** {self.real_time_factor:.2f}")
+        """The stages measured so far, in one line ("" before any): no zero-filled figures while waiting."""
+        parts = []
+        if self.first_audio_seconds:
+            parts.append(f"**First audio** after {self.first_audio_seconds:.2f} s")
+        if self.audio_in_seconds:
+            parts.append(f"**ASR** {self.asr_seconds:.2f} s for {self.audio_in_seconds:.1f} s of audio")
+        if self.llm_tokens:
+            parts.append(f"**LLM** {self.llm_seconds:.2f} s, {self.llm_tokens} tokens "
+                         f"({self.tokens_per_second:.1f} tok/s)")
+        if self.audio_out_seconds:
+            parts.append(f"**TTS** {self.tts_seconds:.2f} s for {self.audio_out_seconds:.1f} s of audio · "
+                         f"**voice real-time factor** {self.real_time_factor:.2f}")
+        return " · ".join(parts)
 
 
 def _family(catalog, model_id: str):
@@ -238,18 +245,27 @@ class VoiceTurnRequest:
     asr: AsrOptions
     reply: ReplyOptions
     voice: VoiceOptions
+    image: object = None  # an image to ask about (RGB PIL image): the question then goes to ``vqa_model``
+    vqa_model: str = ""
 
     @classmethod
     def build(cls, catalog, settings, *, audio=None, text="", history=None, asr_model=None, language="auto",
               task="transcribe", timestamps="none", chat_model=None, system_prompt=DEFAULT_SYSTEM_PROMPT,
               max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=DEFAULT_TEMPERATURE, adapter="none",
               tts_model=None, speaker="default", tts_language="default", reference=None, speed=1.0,
-              noise_scale=None, noise_w=None) -> VoiceTurnRequest:
+              noise_scale=None, noise_w=None, image=None, vqa_model=None) -> VoiceTurnRequest:
         audio = None if audio in (None, "") else audio
         text = check_text("text", text, settings.limits.text_chars, required=False)
         if audio is None and not text:
             raise InvalidRequest("No input: record with the microphone, upload an audio file, or type a message.")
+        picture, vqa_id = None, ""
+        if image not in (None, ""):  # asked about an image: checked now, before any model loads
+            from models.images import load_image
+
+            vqa_id = check_model(catalog, _default(catalog, settings, vqa_model, "vqa"), "vqa").id
+            picture, _ = load_image(image, limits=settings.limits)
         return cls(
+            image=picture, vqa_model=vqa_id,
             audio=audio, text=text, history=tuple(check_messages(history, settings.limits)),
             asr=AsrOptions.build(catalog, settings, model=asr_model, language=language, task=task,
                                  timestamps=timestamps),
@@ -425,6 +441,8 @@ def voice_turn(manager, settings, request: VoiceTurnRequest, progress=None,
     voice = SentenceVoice(manager, request.voice)
     splitter = SentenceSplitter()
     chat = ChatRequest(message=update.transcript, history=request.history, reply=request.reply)
+    replies = _image_answer(manager, request, update.transcript, stats, progress) if request.image is not None \
+        else chat_reply(manager, chat, stats=stats, progress=progress, notices=update.notices)
 
     def spoken(sentences: list[str]) -> Iterator[TurnUpdate]:
         for sentence in sentences:
@@ -438,7 +456,7 @@ def voice_turn(manager, settings, request: VoiceTurnRequest, progress=None,
             update.audio_chunk = None
 
     try:
-        for partial in chat_reply(manager, chat, stats=stats, progress=progress, notices=update.notices):
+        for partial in replies:
             update.reply = partial
             update.history = history + [{"role": "user", "content": update.transcript},
                                         {"role": "assistant", "content": partial}]
@@ -454,6 +472,17 @@ def voice_turn(manager, settings, request: VoiceTurnRequest, progress=None,
         voice.close()
     _finish(update, voice, started)
     yield update
+
+
+def _image_answer(manager, request: VoiceTurnRequest, question: str, stats, progress) -> Iterator[str]:
+    """The VQA model's answer (accumulated text) to the spoken question about the turn's image."""
+    from models import vqa
+
+    ask = vqa.VqaRequest(image=request.image, question=question, model=request.vqa_model,
+                         params=request.reply.params, system_prompt=request.reply.system_prompt,
+                         history=request.history)
+    for history, _, _ in vqa.chat_turn(manager, ask, progress=progress, stats=stats):
+        yield history[-1]["content"]
 
 
 def _finish(update: TurnUpdate, voice: SentenceVoice, started: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 
 import gradio as gr
 
@@ -96,6 +97,71 @@ def gpu(fn=None, *, duration: int = 60):
     return wrap(fn) if fn is not None else wrap
 
 
+def checked_image(image: gr.Image, settings) -> gr.State:
+    """A State holding the path of ``image``'s current picture, checked as soon as it changes.
+
+    gr.Image opens every upload with Pillow before a handler runs, so a file that is not an image
+    failed later with "Could not preprocess input component at index 0" and a server path, and a
+    decompression bomb was decoded before the workbench's limits could refuse it. Here the box's
+    own change event skips Gradio's preprocessing (``preprocess=False``) and checks the file with
+    ``models.images.load_image`` at once: a file that is not a usable image gets the core's message
+    and the box is cleared instead of showing a broken thumbnail. Handlers read the State, never
+    the box.
+    """
+    state = gr.State(None)
+
+    def check(payload):
+        from models.images import load_image
+
+        path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+        if not path:
+            return None, gr.update()
+        try:
+            load_image(path, limits=settings.limits)
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return None, None
+        return path, gr.update()
+
+    # Queued (without a limit, so it never waits): pop-ups reach the browser only from queued events
+    image.change(check, inputs=image, outputs=[state, image], preprocess=False, api_visibility="private",
+                 concurrency_limit=None)
+    return state
+
+
+class StopRegistry:
+    """Stop flags of the runs in progress, one per browser or API session (made in build(), not global)."""
+
+    def __init__(self):
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[session] = event
+        return event
+
+    def finish(self, session: str, event: threading.Event) -> None:
+        with self._lock:
+            if self._events.get(session) is event:
+                del self._events[session]
+
+    def stop(self, session: str) -> bool:
+        """Ask the session's run to stop at its next step; False when nothing is running."""
+        with self._lock:
+            event = self._events.get(session)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+
+def session_of(request) -> str:
+    """The browser or API session a gr.Request belongs to."""
+    return getattr(request, "session_hash", None) or f"anonymous-{threading.get_ident()}"
+
+
 class Form:
     """Named input components: a handler gets ``{name: value}``, so no two inputs can be swapped by position.
 
@@ -126,8 +192,24 @@ def inputs_for(fn, ui, **components) -> list:
 
 
 def model_choices(manager, task: str) -> list[tuple[str, str]]:
-    """(label, id) pairs for a model dropdown; offline tiny models are labelled as such."""
-    return [(spec.label, spec.id) for spec in manager.catalog.for_task(task)]
+    """(label, id) pairs for a model dropdown; offline tiny models are labelled as such.
+
+    A hub model whose files are not in the Hugging Face cache says so, with what its first use
+    downloads (or, offline, that it is unavailable). The cache is read from disk only: a few stat
+    calls per hub model, no network.
+    """
+    from models.hub import choice_label
+
+    return [(choice_label(spec, manager.settings), spec.id) for spec in manager.catalog.for_task(task)]
+
+
+def refresh_model_menus(manager, tab, menus: dict) -> None:
+    """When ``tab`` is shown, its model menus ({dropdown: task}) list the catalog as it is now: a model
+    added in the Models tab appears, and the "not downloaded" marks follow downloads and deletes."""
+    if tab is None:
+        return
+    tab.select(lambda: [gr.update(choices=model_choices(manager, task)) for task in menus.values()],
+               outputs=list(menus), api_visibility="private", queue=False)
 
 
 def default_model(manager, settings, task: str) -> str:

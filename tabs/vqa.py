@@ -6,11 +6,14 @@ events (``_wire_chat``, ``_wire_controls``, ``_wire_api``).
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import gradio as gr
 
+from models.errors import InvalidRequest
 from models.generation import MAX_NEW_TOKENS
+from models.voice import SpeakRequest, speak_text
 from models.vqa import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -23,14 +26,25 @@ from models.vqa import (
     example_pairs,
     precision_line,
 )
-from tabs.common import GPU_QUEUE, Form, default_model, model_call, model_choices
+from tabs.common import (
+    GPU_QUEUE,
+    Form,
+    StopRegistry,
+    checked_image,
+    default_model,
+    model_call,
+    model_choices,
+    refresh_model_menus,
+    session_of,
+)
 
 
-def build(manager, settings) -> None:
+def build(manager, settings, tab=None) -> SimpleNamespace:
     ui = _layout(manager, settings)
     _wire_chat(manager, settings, ui)
-    _wire_controls(manager, settings, ui)
+    _wire_controls(manager, settings, ui, tab)
     _wire_api(manager, settings, ui)
+    return ui
 
 
 def _layout(manager, settings) -> SimpleNamespace:
@@ -47,7 +61,7 @@ def _layout(manager, settings) -> SimpleNamespace:
             with gr.Row():
                 ui.adapter = gr.Dropdown(choices=adapters_for(settings, model_default), value=NONE,
                                          label="Adapter (LoRA)", scale=4, elem_id="vqa-adapter")
-                ui.refresh_adapters = gr.Button("↻", scale=1, min_width=40, elem_id="vqa-refresh-adapters")
+                ui.refresh_adapters = gr.Button("↻ Refresh", scale=1, min_width=40, elem_id="vqa-refresh-adapters")
             ui.compare = gr.Checkbox(False, label="Compare: show base and adapter answers side by side",
                                      elem_id="vqa-compare")
             with gr.Accordion("Generation settings", open=False):
@@ -61,14 +75,22 @@ def _layout(manager, settings) -> SimpleNamespace:
             with gr.Row():
                 ui.base_chat = gr.Chatbot(label="Base model", visible=False, height=420, elem_id="vqa-base-chat")
                 ui.chat = gr.Chatbot(label="Answer", height=420, elem_id="vqa-chat")
-            ui.question = gr.Textbox(label="Question", placeholder="Ask something about the image...", lines=2,
-                                     elem_id="vqa-question")
+            # lines=1 (growing to 6): Enter asks, Shift+Enter adds a line
+            ui.question = gr.Textbox(label="Question", placeholder="Ask something about the image...", lines=1,
+                                     max_lines=6, info="Enter asks · Shift+Enter adds a line", elem_id="vqa-question")
             with gr.Row():
                 ui.ask = gr.Button("Ask", variant="primary", elem_id="vqa-ask")
                 ui.stop = gr.Button("Stop", variant="stop", elem_id="vqa-stop")
                 ui.clear = gr.Button("New conversation", elem_id="vqa-clear")
             ui.notices = gr.Markdown(elem_id="vqa-notices")
+            with gr.Row(equal_height=True):
+                ui.voice = gr.Dropdown(model_choices(manager, "text-to-speech"), label="Voice", scale=3,
+                                       value=default_model(manager, settings, "text-to-speech"), elem_id="vqa-voice")
+                ui.speak = gr.Button("Speak the answer", scale=2, elem_id="vqa-speak")
+            ui.spoken = gr.Audio(label="Spoken answer", type="numpy", autoplay=True, interactive=False, visible=False,
+                                 elem_id="vqa-spoken")
     gr.Examples(example_pairs(settings), inputs=[ui.image, ui.question], label="Examples (images drawn by the app)")
+    ui.image_path = checked_image(ui.image, settings)  # what the handlers read: the picture, checked on change
     ui.history = gr.State([])
     ui.base_history = gr.State([])
     return ui
@@ -80,15 +102,27 @@ def _progress_callback(progress):
 
 def _wire_chat(manager, settings, ui: SimpleNamespace) -> None:
     """Ask (streamed, with compare), Stop and New conversation."""
-    form = Form(image=ui.image, question=ui.question, history=ui.history, base_history=ui.base_history,
+    form = Form(image=ui.image_path, question=ui.question, history=ui.history, base_history=ui.base_history,
                 model=ui.model, max_new_tokens=ui.max_new_tokens, temperature=ui.temperature, top_p=ui.top_p,
                 system_prompt=ui.system_prompt, adapter=ui.adapter, compare=ui.compare)
+    stops = StopRegistry()
 
     @model_call(manager)
-    def stream(data, progress=gr.Progress()):
-        request = VqaRequest.build(manager.catalog, settings, **form.values(data))
-        for main, base, notes in chat_turn(manager, request, progress=_progress_callback(progress)):
-            yield main, base, main, base, "\n".join(f"- {note}" for note in notes)
+    def stream(data, request: gr.Request = None, progress=gr.Progress()):
+        ask = VqaRequest.build(manager.catalog, settings, **form.values(data))
+        session = session_of(request)
+        stop = stops.start(session)
+        try:
+            for main, base, notes in chat_turn(manager, ask, stop=stop, progress=_progress_callback(progress)):
+                yield main, base, main, base, "\n".join(f"- {note}" for note in notes)
+        finally:
+            stops.finish(session, stop)
+
+    def request_stop(request: gr.Request = None):
+        if stops.stop(session_of(request)):
+            gr.Info("Stopped: the answer so far is kept.")
+        else:
+            gr.Info("Nothing is running.")
 
     def new_conversation():
         return [], [], [], [], ""
@@ -96,14 +130,38 @@ def _wire_chat(manager, settings, ui: SimpleNamespace) -> None:
     conversation = [ui.chat, ui.base_chat, ui.history, ui.base_history, ui.notices]
     ask_event = gr.on([ui.ask.click, ui.question.submit], stream, inputs=form.inputs, outputs=conversation,
                       api_visibility="private", **GPU_QUEUE)
-    ask_event.then(lambda mid: ("", precision_line(manager, settings, mid)), inputs=ui.model,
-                   outputs=[ui.question, ui.precision], api_visibility="private", queue=False)
-    ui.stop.click(None, cancels=[ask_event], api_visibility="private", queue=False)
+    # Only a finished answer clears the question: after Stop or an error, what the user typed stays
+    ask_event.success(lambda: "", outputs=ui.question, api_visibility="private", queue=False)
+    ask_event.then(lambda mid: precision_line(manager, settings, mid), inputs=ui.model, outputs=ui.precision,
+                   api_visibility="private", queue=False)
+    # Stop does not wait behind the run it interrupts: it sets the run's flag (the answer ends at its next
+    # token and keeps what it has), in the queue without a limit (so that its pop-up reaches the page)
+    ui.stop.click(request_stop, api_visibility="private", concurrency_limit=None)
     ui.image.change(new_conversation, outputs=conversation, api_visibility="private", queue=False)
     ui.clear.click(new_conversation, outputs=conversation, api_visibility="private", queue=False)
 
+    @model_call(manager)
+    def speak_answer(history, voice, progress=gr.Progress()):
+        """The last answer, spoken by the chosen voice (a text-to-speech model of the catalog)."""
+        answers = [turn["content"] for turn in history or [] if turn.get("role") == "assistant" and turn.get("content")]
+        if not answers:
+            raise InvalidRequest("There is no answer to speak yet: ask a question about the image first.")
+        request = SpeakRequest.build(manager.catalog, settings, text=_plain(answers[-1]), model=voice)
+        audio, _ = speak_text(manager, request, progress=_progress_callback(progress))
+        return gr.update(value=audio, visible=True)
 
-def _wire_controls(manager, settings, ui: SimpleNamespace) -> None:
+    ui.speak.click(speak_answer, inputs=[ui.history, ui.voice], outputs=ui.spoken, api_visibility="private",
+                   **GPU_QUEUE)
+
+
+def _plain(answer) -> str:
+    """An answer's text without the Markdown a chat shows (a voice would read the asterisks)."""
+    text = answer if isinstance(answer, str) else " ".join(str(part.get("text", "")) for part in answer
+                                                           if isinstance(part, dict))
+    return re.sub(r"[*_`#>]+", "", text).strip()
+
+
+def _wire_controls(manager, settings, ui: SimpleNamespace, tab=None) -> None:
     """Model, adapter and compare: the precision line, the adapter list and the compare layout."""
     def on_compare(compare_on, adapter_name):
         label = f"With adapter {adapter_name}" if compare_on and adapter_name != NONE else "Answer"
@@ -119,8 +177,15 @@ def _wire_controls(manager, settings, ui: SimpleNamespace) -> None:
     for control in (ui.compare, ui.adapter):
         control.change(on_compare, inputs=[ui.compare, ui.adapter], outputs=[ui.base_chat, ui.chat],
                        api_visibility="private", queue=False)
-    ui.refresh_adapters.click(lambda mid: gr.update(choices=adapters_for(settings, mid)), inputs=ui.model,
-                              outputs=ui.adapter, api_visibility="private", queue=False)
+    def current_adapters(mid, chosen):
+        """The adapters trained on the model, read from disk: a run that just finished is listed."""
+        names = adapters_for(settings, mid)
+        return gr.update(choices=names, value=chosen if chosen in names else NONE)
+
+    triggers = [ui.refresh_adapters.click] + ([tab.select] if tab is not None else [])
+    gr.on(triggers, current_adapters, inputs=[ui.model, ui.adapter], outputs=ui.adapter, api_visibility="private",
+          queue=False)
+    refresh_model_menus(manager, tab, {ui.model: TASK, ui.voice: "text-to-speech"})
 
 
 def _wire_api(manager, settings, ui: SimpleNamespace) -> None:

@@ -256,3 +256,39 @@ def raw_call(client, url: str, api_name: str, kwargs: dict):
     if kind == "error":
         raise AppError(json.loads(payload) if payload.startswith('"') else payload)
     return json.loads(payload)
+
+
+def save_lora(location, adapters_dir, name: str, base_model: str, target_modules, alpha: int = 32,
+              vision: bool = False):
+    """A real PEFT LoRA on the model at ``location``, saved as the fine-tune tab saves one; returns its folder.
+
+    B is random and non-zero (``init_lora_weights=False``, seeded), so the adapter changes greedy
+    answers; ``workbench.json`` records ``base_model`` as a trained adapter's does.
+    """
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from models.offline import seeded
+
+    seeded()
+    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(location)
+    config = LoraConfig(r=4, lora_alpha=alpha, init_lora_weights=False, target_modules=target_modules)
+    folder = adapters_dir / name
+    get_peft_model(model, config).save_pretrained(folder)
+    (folder / "workbench.json").write_text(json.dumps({"base_model": base_model}))
+    return folder
+
+
+def single_torch_thread():
+    """A module fixture body: torch on one thread for the module's tests, then as before.
+
+    Tiny layers gain nothing from threads, and two OpenMP threads on a busy 2-core machine wait on each other.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,13 +8,15 @@ from gradio_client.exceptions import AppError
 
 ENDPOINTS_BY_TAB = {
     "vqa": ["/vqa"],
-    "text_to_image": ["/txt2img"],
+    "text_to_image": ["/txt2img", "/txt2video"],
     "voice": ["/transcribe", "/chat", "/speak", "/voice"],
-    "finetune": ["/finetune_validate", "/finetune_start", "/finetune_status", "/finetune_stop"],
-    "models_panel": ["/models", "/unload", "/unload_all"],
+    "finetune": ["/finetune_validate", "/finetune_runs", "/finetune_resume", "/finetune_start", "/finetune_status",
+                 "/finetune_stop"],
+    "models_panel": ["/models", "/unload", "/unload_all", "/catalog", "/download", "/stop_download", "/delete_cached",
+                     "/add_model"],
 }
 # Endpoints that run a model in-process and must therefore wait in the one "gpu" queue.
-MODEL_ENDPOINTS = ["vqa", "txt2img", "transcribe", "chat", "speak", "voice"]
+MODEL_ENDPOINTS = ["vqa", "txt2img", "txt2video", "transcribe", "chat", "speak", "voice"]
 ENDPOINT_TAB = {endpoint: tab for tab, endpoints in ENDPOINTS_BY_TAB.items() for endpoint in endpoints}
 
 
@@ -38,7 +40,7 @@ def test_named_endpoint_exists(named_endpoints, endpoint):
 
 
 # Extra endpoints that tabs document on purpose, beyond the contract above.
-DOCUMENTED_EXTRAS = {"/png_info"}
+DOCUMENTED_EXTRAS = {"/png_info", "/video_info"}
 
 
 def test_no_unexpected_public_endpoints(named_endpoints):
@@ -125,10 +127,13 @@ def test_uncached_hub_model_offline_says_what_to_do(app_server, client):
 # What an API caller must pass; every other parameter has the UI's default. (/chat's message and /speak's
 # text share the voice tab's text box, whose default is ""; leaving them out gets a clear error.)
 REQUIRED_PARAMETERS = {
-    "/vqa": ["image", "question"], "/txt2img": ["prompt"], "/png_info": ["path"], "/transcribe": ["audio"],
+    "/vqa": ["image", "question"], "/txt2img": ["prompt"], "/txt2video": ["prompt"], "/png_info": ["path"],
+    "/video_info": ["path"], "/transcribe": ["audio"],
     "/chat": [], "/speak": [], "/voice": [], "/finetune_validate": ["dataset"],
-    "/finetune_start": ["dataset"], "/finetune_status": ["run_id"], "/finetune_stop": ["run_id"],
-    "/unload": ["model_id"], "/unload_all": [], "/models": [],
+    "/finetune_start": ["dataset"], "/finetune_runs": [], "/finetune_resume": ["run_id"],
+    "/finetune_status": ["run_id"], "/finetune_stop": ["run_id"],
+    "/unload": ["model_id"], "/unload_all": [], "/models": [], "/catalog": [], "/download": [], "/stop_download": [],
+    "/delete_cached": ["model_id"], "/add_model": ["repo_id"],
 }
 
 

@@ -57,7 +57,7 @@ def pick(page, label: str, value: str) -> None:
     box = page.get_by_label(label, exact=True).locator("visible=true").first
     box.click()
     box.fill(value)
-    page.get_by_role("option", name=re.compile(re.escape(value))).first.click()
+    page.get_by_role("option", name=value).first.click()  # the label contains the id (a substring match)
     page.wait_for_timeout(200)
 
 

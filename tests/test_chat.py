@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
 
 import pytest
 from conftest import MODELS_DIR
+from helpers import save_lora
 
 from models import adapters
 from models.errors import Busy, InvalidRequest, TooLarge
@@ -126,18 +126,8 @@ def test_clean_conversation_keeps_the_system_prompt_first():
 
 def make_chat_adapter(settings, name: str = "chat-lora"):
     """A LoRA on tiny-chat with random, non-zero B, so that it changes the greedy reply."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from models.offline import seeded
-
-    seeded()
-    model = AutoModelForCausalLM.from_pretrained(MODELS_DIR / "tiny-chat")
-    config = LoraConfig(r=4, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj", "o_proj"])
-    folder = settings.adapters_dir / name
-    get_peft_model(model, config).save_pretrained(folder)
-    (folder / "workbench.json").write_text(json.dumps({"base_model": "tiny-chat"}))
-    return folder
+    return save_lora(MODELS_DIR / "tiny-chat", settings.adapters_dir, name, "tiny-chat",
+                     ["q_proj", "v_proj", "o_proj"], alpha=64)
 
 
 def test_adapter_is_switched_under_the_handle_lock_for_the_whole_reply(handle, settings):

@@ -47,7 +47,11 @@ def real(tmp_path_factory):
 
 
 def say(manager, text: str, path: Path, **kwargs) -> str:
-    """Speak ``text`` with piper-joe into a WAV file; returns its path."""
+    """Speak ``text`` with piper-joe into a WAV file; returns its path.
+
+    Without sampling noise by default, so that a run cannot draw a mumbled take and fail by chance.
+    """
+    kwargs = {"noise_scale": 0, "noise_w": 0, **kwargs}
     (rate, samples), _ = speak(manager, manager.settings, text, model="piper-joe", **kwargs)
     write_wav(path, samples.astype(np.float32) / 32767, rate)
     return str(path)
@@ -122,6 +126,37 @@ def test_spoken_question_gets_a_spoken_answer_through_the_app(client, real, tmp_
     heard = client.predict(audio=handle_file(wav), language="english", model="whisper-tiny.en",
                            api_name="/transcribe")
     assert "paris" in normalize(heard), heard
+
+
+def test_spoken_question_about_an_image_goes_to_the_vqa_model(client, app_server, real, tmp_path):
+    """/voice with an image: the heard question and the image go to the VQA model, whose answer is spoken."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    manager, _, _ = real
+    _, app_manager, _ = app_server
+    question = "What is in this picture?"
+    audio = say(manager, question, tmp_path / "question.wav")
+    picture = tmp_path / "square.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(picture)
+    app_manager.unload_all()
+    transcript, reply, wav, timings = client.predict(
+        audio=handle_file(audio), text="", history=[], asr_model="whisper-tiny.en", chat_model="smollm2-135m",
+        tts_model="piper-joe", system_prompt="", temperature=0.0, max_new_tokens=12, image=handle_file(str(picture)),
+        vqa_model="tiny-vlm", api_name="/voice")
+    assert word_error_rate(question, transcript) <= 0.15, transcript
+    # The Models tab's view: the VQA model answered, the chat model was never loaded for this turn
+    loaded = {entry["id"] for entry in app_manager.snapshot()}
+    assert "tiny-vlm" in loaded and "smollm2-135m" not in loaded, loaded
+    # The reply is the VQA model's greedy answer to that very question about that very image
+    answer = client.predict(image=handle_file(str(picture)), question=transcript, model="tiny-vlm",
+                            max_new_tokens=12, temperature=0.0, system_prompt="", api_name="/vqa")
+    assert reply == answer and reply.strip()
+    # An image that is not an image is refused before any model loads, with the core's message
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    with pytest.raises(Exception, match="is not an image file this app can read"):
+        client.predict(text="What is this?", history=[], image=handle_file(str(not_image)), api_name="/voice")
 
 
 def test_offline_defaults_are_the_real_models(app_server):

@@ -27,6 +27,7 @@ import helpers
 import numpy as np
 import pytest
 from conftest import make_settings
+from helpers import save_lora
 
 from models import adapters, voice
 from models.errors import InvalidRequest, UserError
@@ -274,18 +275,8 @@ def test_qwen_reply_stops_at_im_end_and_hides_it(chat_twins, model_id):
 
 def make_qwen_adapter(manager, settings, base_model: str, name: str):
     """A LoRA on the twin with random, non-zero B (so it changes the greedy reply), saved as the fine-tune tab does."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from models.offline import seeded
-
-    seeded()
-    model = AutoModelForCausalLM.from_pretrained(manager.catalog.get(base_model).location)
-    config = LoraConfig(r=4, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj", "o_proj"])
-    folder = settings.adapters_dir / name
-    get_peft_model(model, config).save_pretrained(folder)
-    (folder / "workbench.json").write_text(json.dumps({"base_model": base_model}))
-    return folder
+    return save_lora(manager.catalog.get(base_model).location, settings.adapters_dir, name, base_model,
+                     ["q_proj", "v_proj", "o_proj"], alpha=64)
 
 
 @pytest.mark.parametrize("model_id", QWEN)

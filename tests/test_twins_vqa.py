@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import save_lora
 from PIL import Image
 
 from models import vqa
@@ -122,19 +123,8 @@ def generate_threads() -> list[threading.Thread]:
 
 def make_adapter(case: Twin, twin_catalog, settings, name: str = "twin-lora"):
     """A LoRA on the language model's attention (random, non-zero B: it changes answers), saved like the tab."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    from models.offline import seeded
-
-    seeded()
-    model = AutoModelForImageTextToText.from_pretrained(twin_catalog.get(case.hub).location)
-    config = LoraConfig(r=4, lora_alpha=32, init_lora_weights=False,
-                        target_modules=rf"^{re.escape(case.language_model)}.*\.(q_proj|v_proj|o_proj)$")
-    folder = settings.adapters_dir / name
-    get_peft_model(model, config).save_pretrained(folder)
-    (folder / "workbench.json").write_text(json.dumps({"base_model": case.hub}))
-    return folder
+    return save_lora(twin_catalog.get(case.hub).location, settings.adapters_dir, name, case.hub,
+                     rf"^{re.escape(case.language_model)}.*\.(q_proj|v_proj|o_proj)$", vision=True)
 
 
 class ProcessorSpy:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import threading
 
 import pytest
+from helpers import save_lora
 from PIL import Image
 
 from models import vqa
@@ -49,21 +49,10 @@ def assert_nothing_pinned(manager):
 
 def make_adapter(manager, settings, name: str = "shapes-lora", base_model: str = "tiny-vlm"):
     """A LoRA on tiny-vlm's language model (random, non-zero B so it changes answers), saved like the fine-tune tab."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
     from models.families import resolve_location
-    from models.offline import seeded
 
-    location = resolve_location(manager.catalog.get("tiny-vlm"), settings)
-    seeded()
-    model = AutoModelForImageTextToText.from_pretrained(location)
-    config = LoraConfig(r=4, lora_alpha=32, init_lora_weights=False,
-                        target_modules=r".*language_model.*\.(q_proj|v_proj|o_proj)")
-    folder = settings.adapters_dir / name
-    get_peft_model(model, config).save_pretrained(folder)
-    (folder / "workbench.json").write_text(json.dumps({"base_model": base_model}))
-    return folder
+    return save_lora(resolve_location(manager.catalog.get("tiny-vlm"), settings), settings.adapters_dir, name,
+                     base_model, r".*language_model.*\.(q_proj|v_proj|o_proj)", vision=True)
 
 
 # ---- the family ---------------------------------------------------------------------------------
