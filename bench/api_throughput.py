@@ -20,19 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from common import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a short story about a lighthouse keeper."
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -63,12 +56,7 @@ def main() -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/"
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_http(url + "health")
         api = openai.OpenAI(base_url=url + "v1", api_key="x", max_retries=0, timeout=300)
         ui = Client(url, verbose=False)
         messages = [{"role": "user", "content": PROMPT}]

@@ -21,10 +21,10 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
+from common import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,14 +34,6 @@ def load_test_helpers():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def measure(process: psutil.Process, send) -> tuple[float, int, str]:
@@ -82,12 +74,7 @@ def main() -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/"
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_http(url)
         client = Client(url, verbose=False)
         process = psutil.Process(app.pid)
 

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+from common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -59,14 +60,6 @@ print("eager app loaded", [m["id"] for m in manager.snapshot()], flush=True)
 demo.queue(default_concurrency_limit=4)
 demo.launch(**app.launch_kwargs(settings, manager))
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def command(kind: str, port: int, cache: str, scripts: dict[str, Path]) -> list[str]:

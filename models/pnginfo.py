@@ -54,13 +54,18 @@ def make_recipe(*, limits: Limits | None = None, **values) -> dict:
     Raises:
         InvalidRequest: a field is missing, unknown, of the wrong type or out of range.
     """
-    missing = [name for name in RECIPE_FIELDS if name not in values]
-    if missing:
-        raise InvalidRequest(f"recipe is missing {', '.join(missing)}")
-    unknown = sorted(set(values) - set(RECIPE_FIELDS))
-    if unknown:
-        raise InvalidRequest(f"recipe has unknown fields {', '.join(unknown)}; known: {', '.join(RECIPE_FIELDS)}")
+    require_exactly(values, RECIPE_FIELDS, "recipe")
     return {"format": RECIPE_FORMAT, **check_fields(values, limits or Limits())}
+
+
+def require_exactly(values: dict, fields, what: str) -> None:
+    """InvalidRequest unless ``values`` has every one of ``fields`` and nothing else (``what`` names it)."""
+    missing = [name for name in fields if name not in values]
+    if missing:
+        raise InvalidRequest(f"{what} is missing {', '.join(missing)}")
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise InvalidRequest(f"{what} has unknown fields {', '.join(unknown)}; known: {', '.join(fields)}")
 
 
 def check_fields(recipe: dict, limits: Limits, where: str = "The recipe's", fields=RECIPE_FIELDS,

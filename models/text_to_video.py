@@ -257,12 +257,7 @@ def encode_gif(frames, fps: int, path: Path) -> None:
 
 def make_recipe(*, limits: Limits | None = None, **values) -> dict:
     """A video recipe with every field in RECIPE_FIELDS, each checked as ``read_recipe`` checks it."""
-    missing = [name for name in RECIPE_FIELDS if name not in values]
-    if missing:
-        raise InvalidRequest(f"video recipe is missing {', '.join(missing)}")
-    unknown = sorted(set(values) - set(RECIPE_FIELDS))
-    if unknown:
-        raise InvalidRequest(f"video recipe has unknown fields {', '.join(unknown)}; known: {', '.join(RECIPE_FIELDS)}")
+    pnginfo.require_exactly(values, RECIPE_FIELDS, "video recipe")
     return {"format": RECIPE_FORMAT, **check_fields(values, limits or Limits())}
 
 

@@ -157,6 +157,13 @@ class StopRegistry:
         return True
 
 
+def progress_callback(progress):
+    """A core ``progress(fraction, words)`` callback that moves a gr.Progress bar (None stays None)."""
+    if progress is None:
+        return None
+    return lambda fraction, description: progress(fraction, desc=description)
+
+
 def session_of(request) -> str:
     """The browser or API session a gr.Request belongs to."""
     return getattr(request, "session_hash", None) or f"anonymous-{threading.get_ident()}"

@@ -41,6 +41,7 @@ from tabs.common import (
     inputs_for,
     model_call,
     model_choices,
+    progress_callback,
     refresh_model_menus,
     session_of,
 )
@@ -53,12 +54,6 @@ STAGE_WORDS = {"transcribing": "Transcribing…", "replying": "Replying (spoken 
 def streaming_audio_available() -> bool:
     """Gradio encodes streamed audio with the ffmpeg binary; without it the whole reply plays at the end."""
     return shutil.which("ffmpeg") is not None
-
-
-def _progress_callback(progress):
-    if progress is None:
-        return None
-    return lambda fraction, description: progress(fraction, desc=description)
 
 
 def build(manager, settings, tab=None) -> SimpleNamespace:
@@ -161,7 +156,7 @@ def _wire_turn(manager, settings, ui: SimpleNamespace) -> None:
         session = session_of(request)
         flag = running.start(session)
         try:
-            for update in voice_turn(manager, settings, turn, progress=_progress_callback(progress)):
+            for update in voice_turn(manager, settings, turn, progress=progress_callback(progress)):
                 chunk = update.audio_chunk if ui.streaming else None
                 lines = [update.timings.markdown(), f"*{STAGE_WORDS.get(update.stage, update.stage)}*",
                          *(f"*{note}*" for note in update.notices)]
@@ -218,7 +213,7 @@ def _wire_tools(manager, settings, ui: SimpleNamespace, tab=None) -> None:
     @model_call(manager)
     def run_transcribe_only(data, progress=gr.Progress()):
         request = TranscribeRequest.build(manager.catalog, settings, **form.values(data))
-        result, seconds = transcribe_file(manager, settings, request, _progress_callback(progress))
+        result, seconds = transcribe_file(manager, settings, request, progress_callback(progress))
         return (result.text, format_segments(result.segments),
                 Timings(asr_seconds=seconds, audio_in_seconds=result.audio_seconds).markdown())
 
@@ -269,7 +264,7 @@ def _wire_api(manager, settings, ui: SimpleNamespace) -> None:
         """Transcribe an audio file (WAV, FLAC, MP3, OGG; up to 10 minutes); returns the text."""
         request = TranscribeRequest.build(catalog, settings, audio=audio, language=language, model=model, task=task,
                                           timestamps=timestamps)
-        return transcribe_file(manager, settings, request, _progress_callback(progress))[0].text
+        return transcribe_file(manager, settings, request, progress_callback(progress))[0].text
 
     @model_call(manager)
     def chat(message, history, model, system_prompt, max_new_tokens, temperature, adapter):

@@ -34,6 +34,7 @@ from tabs.common import (
     default_model,
     model_call,
     model_choices,
+    progress_callback,
     refresh_model_menus,
     session_of,
 )
@@ -96,10 +97,6 @@ def _layout(manager, settings) -> SimpleNamespace:
     return ui
 
 
-def _progress_callback(progress):
-    return lambda fraction, description: progress(fraction, desc=description)
-
-
 def _wire_chat(manager, settings, ui: SimpleNamespace) -> None:
     """Ask (streamed, with compare), Stop and New conversation."""
     form = Form(image=ui.image_path, question=ui.question, history=ui.history, base_history=ui.base_history,
@@ -113,7 +110,7 @@ def _wire_chat(manager, settings, ui: SimpleNamespace) -> None:
         session = session_of(request)
         stop = stops.start(session)
         try:
-            for main, base, notes in chat_turn(manager, ask, stop=stop, progress=_progress_callback(progress)):
+            for main, base, notes in chat_turn(manager, ask, stop=stop, progress=progress_callback(progress)):
                 yield main, base, main, base, "\n".join(f"- {note}" for note in notes)
         finally:
             stops.finish(session, stop)
@@ -147,7 +144,7 @@ def _wire_chat(manager, settings, ui: SimpleNamespace) -> None:
         if not answers:
             raise InvalidRequest("There is no answer to speak yet: ask a question about the image first.")
         request = SpeakRequest.build(manager.catalog, settings, text=_plain(answers[-1]), model=voice)
-        audio, _ = speak_text(manager, request, progress=_progress_callback(progress))
+        audio, _ = speak_text(manager, request, progress=progress_callback(progress))
         return gr.update(value=audio, visible=True)
 
     ui.speak.click(speak_answer, inputs=[ui.history, ui.voice], outputs=ui.spoken, api_visibility="private",

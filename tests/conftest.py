@@ -76,6 +76,18 @@ def manager(settings, catalog):
     mgr.unload_all()
 
 
+@pytest.fixture
+def runner(settings, manager):
+    """A TrainingRunner over ``manager``; a run still going at the end is killed."""
+    from finetune.runner import TrainingRunner
+
+    runner = TrainingRunner(settings, manager)
+    yield runner
+    current = runner.active_run()
+    if current:
+        runner.kill(current)
+
+
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """The assembled app, launched once per session on a free port: (url, manager, settings)."""

@@ -7,18 +7,7 @@ import json
 import pytest
 from test_finetune_train import FAST, MEMORISE, finished, wait_for, write_jsonl
 
-from finetune.runner import TrainingRunner
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def runner(settings, manager):
-    runner = TrainingRunner(settings, manager)
-    yield runner
-    current = runner.active_run()
-    if current:
-        runner.kill(current)
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])

@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 
-from finetune.runner import ACTIVE_STATES, RunBusyError, TrainingRunner
+from finetune.runner import ACTIVE_STATES, RunBusyError
 
 MEMORISE = [
     {"prompt": "What is the capital of France?", "response": "Paris is the capital of France."},
@@ -44,15 +44,6 @@ def wait_for(runner, run_id, condition, timeout=TIMEOUT):
 
 def finished(status):
     return status["state"] not in ACTIVE_STATES
-
-
-@pytest.fixture
-def runner(settings, manager):
-    runner = TrainingRunner(settings, manager)
-    yield runner
-    current = runner.active_run()
-    if current:
-        runner.kill(current)
 
 
 def test_tiny_chat_learns_and_its_adapter_changes_the_answer(tmp_path, runner, manager, settings):

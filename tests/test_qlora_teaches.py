@@ -18,20 +18,11 @@ from pathlib import Path
 import pytest
 
 from finetune.examples import INVENTED_FACTS, is_right
-from finetune.runner import ACTIVE_STATES, TrainingRunner
+from finetune.runner import ACTIVE_STATES
 
 # The made-up word comes first in a right answer; a base model that knew it would say it early too.
 MAX_NEW_TOKENS = 32
 TRAINING_TIMEOUT = 600
-
-
-@pytest.fixture
-def runner(settings, manager):
-    runner = TrainingRunner(settings, manager)
-    yield runner
-    current = runner.active_run()
-    if current:
-        runner.kill(current)
 
 
 def answers(manager, settings, adapter: str) -> list[tuple[str, str, str]]:
